@@ -1,0 +1,257 @@
+"""condiff.cli: `detect` keeps the input's grid and affine and writes nothing for a corrupt input; the preprocessing it
+applies agrees with condiff.data's (an independent implementation of spec §7.3) and is inverted exactly where it can
+be; `reproduce` resumes, skipping finished folds. Models are trained for two steps: the plumbing is under test."""
+import dataclasses, json, os, shutil, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+import nibabel as nib
+from PIL import Image
+from condiff import cli
+from condiff.cli import (ReproduceConfig, detect, detect_outputs, fold_config, load_ensemble, main, parse_folds,
+                         reproduce, slices_to_volume, subsample, train_fold, volume_to_slices)
+from condiff.data import SliceSet, preprocess_volume, save_sliceset, load_fundus
+
+AFFINE = np.array([[0.9, 0.1, 0.0, -20.0], [0.0, 1.1, 0.05, 12.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1]])
+
+
+def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
+    g = np.mgrid[tuple(slice(0, s) for s in shape)].astype(np.float32)
+    c = [(s - 1) / 2 for s in shape]
+    inside = ((g[0] - c[0]) / (shape[0] * .35)) ** 2 + ((g[1] - c[1]) / (shape[1] * .33)) ** 2 + ((g[2] - c[2]) / (shape[2] * .6)) ** 2 < 1
+    rng = np.random.default_rng(seed)
+    return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "This module's in-process work with one torch thread (restored afterwards): tiny models, shared CI machines."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(*argv, capsys=None):
+    try: code = main([str(a) for a in argv])
+    except SystemExit as e: code = e.code
+    return code
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    "Two MRI folds and one fundus fold, two training steps each, on small slice sets written here."
+    root = tmp_path_factory.mktemp('cli')
+    sl, _ = volume_to_slices(ellipsoid())
+    keep = sl.reshape(len(sl), -1).max(1) > 0
+    mri = SliceSet(sl[keep], [f"s/z{i}" for i in range(int(keep.sum()))], 'MRI')
+    save_sliceset(mri, root / 'mri.npz')
+    rng = np.random.default_rng(1)
+    rf = SliceSet(rng.random((4, 3, 128, 128), dtype=np.float32), [f"f/{i}" for i in range(4)], 'RF')
+    save_sliceset(rf, root / 'rf.npz')
+    small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
+    for f in (0, 1):
+        train_fold(fold_config('phantom-brain', 't1', f, train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
+                               **small), root / 'runs', progress=False)
+    train_fold(fold_config('phantom-fundus', None, 0, train_data=str(root / 'rf.npz'), val_data=str(root / 'rf.npz'),
+                           **small), root / 'runs', progress=False)
+    return root
+
+
+# -- the preprocessing of detect, against condiff.data ------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(40, 36, 5), (30, 52, 3), (200, 170, 2)])
+def test_volume_to_slices_matches_condiff_data(tmp_path, shape):
+    vol = ellipsoid(shape)
+    vol[0, 0, 0] = 5e-5  # below the 1e-4 threshold: zeroed
+    nib.save(nib.Nifti1Image(vol, AFFINE), tmp_path / 'v.nii.gz')
+    want, _, z = preprocess_volume(tmp_path / 'v.nii.gz', drop_empty=False)
+    got, geo = volume_to_slices(vol)
+    assert got.shape == want.shape and list(z) == list(range(shape[2]))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    L = min(shape[:2])
+    assert geo.crop[1] - geo.crop[0] == L and geo.crop[3] - geo.crop[2] == L
+
+
+def test_slices_to_volume_inverts_exactly_at_128():
+    "On a 128×128 plane the resizes are identities, so the round trip gives back the (zeroed) volume."
+    vol = ellipsoid((128, 128, 3))
+    sl, geo = volume_to_slices(vol)
+    back = slices_to_volume(sl, geo, rescale=True)
+    np.testing.assert_allclose(back, np.where(vol < 1e-4, 0, vol), rtol=1e-5, atol=1e-3)
+
+
+def test_slices_to_volume_smooth_round_trip_and_uncrop():
+    x, y = np.meshgrid(np.linspace(0, 1, 300), np.linspace(0, 1, 256), indexing='ij')
+    vol = np.stack([1 + np.sin(3 * x + z) * np.cos(2 * y) for z in range(2)], -1).astype(np.float32) + 1
+    sl, geo = volume_to_slices(vol)
+    assert geo.crop == (22, 278, 0, 256)
+    back = slices_to_volume(sl, geo, fill=-1.0, rescale=True)
+    assert back.shape == vol.shape
+    inner = back[22 + 4:278 - 4, 4:-4]
+    assert np.abs(inner - vol[22 + 4:278 - 4, 4:-4]).max() < 0.02 * vol.max()
+    assert (back[:22] == -1).all() and (back[278:] == -1).all()
+    with pytest.raises(ValueError, match='do not match'): slices_to_volume(sl[:1], geo)
+
+
+# -- detect ----------------------------------------------------------------------------------------------------------
+
+def test_detect_nifti_keeps_shape_and_affine(runs, tmp_path):
+    vol = ellipsoid((44, 38, 5))
+    src = tmp_path / 'patient.nii.gz'
+    nib.save(nib.Nifti1Image(vol, AFFINE), src)
+    code = run_cli('detect', src, '--run', runs / 'runs/phantom-brain-t1/tiny', '--num-steps', 2, '--no-progress')
+    assert code == 0
+    outs = detect_outputs(src)
+    m, r = nib.load(outs['map']), nib.load(outs['restoration'])
+    assert m.shape == r.shape == vol.shape
+    np.testing.assert_allclose(m.affine, AFFINE); np.testing.assert_allclose(r.affine, AFFINE)
+    np.testing.assert_allclose(m.header.get_zooms(), nib.load(src).header.get_zooms())
+    M, R = np.asarray(m.dataobj), np.asarray(r.dataobj)
+    assert np.isfinite(M).all() and M.min() >= 0 and M.max() <= 1 and M.max() > 0
+    assert (M[vol < 1e-4] == 0).all() and (R[vol < 1e-4] == 0).all()  # background stays background
+    assert R.max() <= vol.max() * 1.0001 + 1e-6 and R.min() >= 0
+    # the same call again refuses to overwrite; --overwrite replaces
+    assert run_cli('detect', src, '--run', runs / 'runs/phantom-brain-t1/tiny', '--num-steps', 2, '--no-progress') == 2
+    assert run_cli('detect', src, '--run', runs / 'runs/phantom-brain-t1/tiny', '--num-steps', 2, '--no-progress', '--overwrite') == 0
+
+
+def test_detect_is_seeded_and_uses_every_fold(runs, tmp_path):
+    vol = ellipsoid((36, 36, 3))
+    nib.save(nib.Nifti1Image(vol, AFFINE), tmp_path / 'a.nii')
+    r1 = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o1', num_steps=2, progress=False)
+    r2 = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o2', num_steps=2, batch_size=1, progress=False)
+    assert r1['n_folds'] == 2 and r1['fold'] in ('fold0', 'fold1')
+    np.testing.assert_allclose(np.asarray(nib.load(r1['map']).dataobj), np.asarray(nib.load(r2['map']).dataobj), atol=1e-6)
+    one = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o3', num_steps=2, folds='1', progress=False)
+    assert one['n_folds'] == 1 and one['fold'] == 'fold1'
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'nan'])
+def test_detect_corrupt_nifti_fails_clearly_and_writes_nothing(runs, tmp_path, capsys, damage):
+    src = tmp_path / 'broken.nii.gz'
+    vol = ellipsoid((30, 30, 3))
+    if damage == 'nan': vol[5, 5, 1] = np.nan
+    nib.save(nib.Nifti1Image(vol, AFFINE), src)
+    if damage == 'truncate': src.write_bytes(src.read_bytes()[:200])
+    if damage == 'garbage': src.write_bytes(b'\x1f\x8b\x08\x00 definitely not a volume')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = run_cli('detect', src, '--run', runs / 'runs/phantom-brain-t1/tiny', '--num-steps', 2, '--no-progress')
+    err = capsys.readouterr().err
+    assert code == 2 and 'condiff detect: error:' in err and 'broken.nii.gz' in err, err
+    assert ('NaN' in err) if damage == 'nan' else ('corrupt' in err or 'cannot read' in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary left
+
+
+def test_detect_bad_inputs(runs, tmp_path, capsys):
+    assert run_cli('detect', tmp_path / 'missing.nii.gz', '--run', runs / 'runs/phantom-brain-t1/tiny') == 2
+    assert 'not found' in capsys.readouterr().err
+    (tmp_path / 'x.mha').write_bytes(b'x')
+    assert run_cli('detect', tmp_path / 'x.mha', '--run', runs / 'runs/phantom-brain-t1/tiny') == 2
+    assert 'unsupported file type' in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(ellipsoid((30, 30, 3)), AFFINE), tmp_path / 'v.nii.gz')
+    assert run_cli('detect', tmp_path / 'v.nii.gz', '--run', tmp_path / 'nope') == 2
+    assert 'run folder not found' in capsys.readouterr().err
+    assert run_cli('detect', tmp_path / 'v.nii.gz', '--run', runs / 'runs/phantom-fundus/tiny', '--num-steps', 2) == 2
+    assert 'trained on RF data' in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(np.zeros((30, 30, 3), np.float32), AFFINE), tmp_path / 'empty.nii.gz')
+    assert run_cli('detect', tmp_path / 'empty.nii.gz', '--run', runs / 'runs/phantom-brain-t1/tiny') == 2
+    assert 'empty volume' in capsys.readouterr().err
+    assert not list(tmp_path.glob('*_anomaly_map*')) and not list(tmp_path.glob('*_restoration*'))
+
+
+def test_detect_fundus(runs, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    photo = (rng.random((150, 200, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / 'eye.jpg', quality=95)
+    r = detect(tmp_path / 'eye.jpg', runs / 'runs/phantom-fundus/tiny', num_steps=2, progress=False)
+    m, rest = Image.open(r['map']), Image.open(r['restoration'])
+    assert m.size == rest.size == (200, 150) and m.mode in ('I;16', 'I') and rest.mode == 'RGB'
+    M = np.asarray(m)
+    assert M[:, :25].max() == 0 and M[:, 175:].max() == 0 and M[:, 25:175].max() > 0  # outside the centred square: 0
+    orig = np.asarray(Image.open(tmp_path / 'eye.jpg').convert('RGB'))
+    assert (np.asarray(rest)[:, :25] == orig[:, :25]).all()
+    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
+    assert run_cli('detect', tmp_path / 'bad.png', '--run', runs / 'runs/phantom-fundus/tiny') == 2
+    assert 'bad.png' in capsys.readouterr().err and not (tmp_path / 'bad_anomaly_map.png').exists()
+
+
+def test_console_script(runs, tmp_path):
+    exe = Path(sys.executable).with_name('condiff')
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'condiff.cli']
+    out = subprocess.run(cmd + ['--help'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and 'reproduce' in out.stdout and 'detect' in out.stdout
+    out = subprocess.run(cmd + ['train', 'phantom-ddr', '--fold', '12'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and 'fold must be in 0..9' in out.stderr and 'Traceback' not in out.stderr
+
+
+# -- reproduce ------------------------------------------------------------------------------------------------------
+
+def test_parse_folds_and_config_errors():
+    assert parse_folds('0-3,8') == [0, 1, 2, 3, 8] and parse_folds([2, 1]) == [2, 1]
+    for bad, msg in [('0-10', '0..9'), ('a', "look like"), ('1,1', 'repeated')]:
+        with pytest.raises(ValueError, match=msg): parse_folds(bad)
+    with pytest.raises(ValueError, match='unknown test set'): ReproduceConfig(testsets=('atlas-t1',))
+    with pytest.raises(ValueError, match='num_steps'): ReproduceConfig(num_steps=0)
+    with pytest.raises(ValueError, match='data_root'): ReproduceConfig(testsets=('ddr',))
+
+
+def test_subsample_keeps_both_classes():
+    m = np.zeros((50, 1, 4, 4), bool); m[10:20, 0, 0, 0] = True
+    ss = SliceSet(np.zeros((50, 1, 4, 4), np.float32), [f"v/z{i}" for i in range(50)], 'MRI', m)
+    sub = subsample(ss, 7)
+    assert len(sub) == 7 and sub.labels.sum() == 4 and list(sub.ids) == sorted(sub.ids, key=lambda s: int(s[3:]))
+    assert sub.ids == subsample(ss, 7).ids  # deterministic
+
+
+def weights(run_dir):
+    "SHA-256 of a run's latest weights (the tensors: safetensors' header order may differ between writes)."
+    from safetensors.torch import load_file
+    from condiff.train import weights_digest
+    return weights_digest(load_file(str(run_dir / 'checkpoints/latest/model.safetensors')))
+
+
+def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
+    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
+                          runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=2,
+                          train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
+                                               batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
+    logs = []
+    m1 = reproduce(cfg, progress=False, log=logs.append)
+    assert m1['skipped'] == {'train': [], 'evaluate': [], 'ensemble': []} and m1['jobs'] == 2 and m1['threads_per_job'] == 1
+    pf = tmp_path / 'pf'
+    assert sorted(p.name for p in pf.iterdir()) == ['figure3.pdf', 'figure3.png', 'manifest.json', 'table1.csv',
+                                                     'table1.md', 'table1.tex']
+    man = json.loads((pf / 'manifest.json').read_text())
+    for k in ('commit', 'config', 'train_configs', 'seeds', 'wall_s', 'stage_wall_s', 'machine', 'versions', 'results'):
+        assert k in man, k
+    assert man['config']['folds'] == [0, 1] and man['seeds']['train'] == 42 and man['machine']['cpu_count'] >= 1
+    assert man['results']['phantom-brats-t1']['n_images'] == 6 and man['versions']['torch']
+    ens = json.loads((cli.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny') / 'metrics.json').read_text())
+    md = (pf / 'table1.md').read_text()
+    from condiff.report import format_value
+    assert f"| **Ours_ens** | **ours** | – | – | – | – | {format_value(ens['AP_i'])} |" in md
+    assert '| **Intensity** | **ours** |' in md and '| **Random** | **ours** |' in md
+    assert man['results']['phantom-brats-t1']['intensity_control']['AP_p'] > 0
+    # an interrupted run: fold 1's training did not record its end, fold 0's evaluation and fold 1's run were lost
+    fold0, fold1 = (cli.fold_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f) for f in (0, 1))
+    st = json.loads((fold0 / 'run.json').read_text()); st['status'] = 'interrupted'
+    (fold0 / 'run.json').write_text(json.dumps(st))
+    w0, w1 = weights(fold0), weights(fold1)
+    e0 = json.loads((cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
+    shutil.rmtree(cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0)); shutil.rmtree(fold1)
+    one_job = dataclasses.replace(cfg, jobs=1)
+    m2 = reproduce(one_job, progress=False, log=logs.append)
+    assert m2['skipped']['train'] == [] and m2['skipped']['evaluate'] == [] and m2['jobs'] == 1
+    assert weights(fold0) == w0  # resumed at max_steps: nothing retrained
+    assert json.loads((fold0 / 'run.json').read_text())['status'] == 'finished'
+    # recomputed in one process: the same numbers as with two worker processes
+    assert weights(fold1) == w1
+    e0b = json.loads((cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
+    assert {k: e0b[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')} == {k: e0[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')}
+    assert m2['results'] == m1['results']
+    m3 = reproduce(cfg, progress=False, log=logs.append)
+    assert m3['skipped']['train'] == ['phantom-brain-t1/fold0', 'phantom-brain-t1/fold1']
+    assert m3['skipped']['evaluate'] == ['phantom-brats-t1/fold0', 'phantom-brats-t1/fold1']
+    assert m3['skipped']['ensemble'] == ['phantom-brats-t1'] and m3['resumed']
+    assert any('finished before, skipped' in l for l in logs)
