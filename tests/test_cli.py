@@ -23,13 +23,7 @@ def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
     return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "This module's in-process work with one torch thread (restored afterwards): tiny models, shared CI machines."
-    import torch
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def run_cli(*argv, capsys=None):

@@ -41,12 +41,7 @@ def toy(n, seed, lesions=False, size=SIZE):
                     np.array(masks)[:, None] if lesions else None, f"toy{seed}")
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models: one intra-op thread avoids OpenMP spin-waits when the (shared, 2-core) CPU is busy."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -25,13 +25,7 @@ def run_nb(name, workdir, **params):
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "In-process work of this module with one torch thread (restored afterwards)."
-    import torch
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def outputs_text(nb):

@@ -27,12 +27,7 @@ def blobs(n, seed, channels=1, size=SIZE):
     return SliceSet(imgs, [f's{seed}-{i}' for i in range(n)], 'MRI' if channels == 1 else 'RF', name=f'blobs{seed}')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models on a shared CPU: one intra-op thread is several times faster than contended threads."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -24,13 +24,7 @@ OFFICIAL = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=2,
 n_params = lambda m: sum(p.numel() for p in m.parameters())
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Small CPU workloads: one torch thread avoids OpenMP threads spinning against other jobs on a shared 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def randomize_(model, seed):
