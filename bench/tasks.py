@@ -8,6 +8,7 @@ official_tasks_stats.json for condiff, and prints one JSON line per measurement 
     .venv/bin/python bench/tasks.py                 # full run: 5 × 1000 task samples + 2000 fold-0 samples
     .venv/bin/python bench/tasks.py --n 200         # quicker
     .venv/bin/python bench/tasks.py --markdown      # also print the README tables
+    .venv/bin/python bench/tasks.py --clip image    # the whole-image clip instead of the official per-column one
 
 Runs single-threaded (BLAS/OpenMP/torch threads = 1), as the official single-thread timing row.
 """
@@ -153,6 +154,24 @@ def bootstrap_se(per, n_boot=300, seed=0):
     return {k: float(np.std([b[k] for b in boots])) for k in boots[0]}
 
 
+def zscore(key, c, o, res, off):
+    """(SE of condiff, z) of condiff − official, or (None, None) without an SE.
+
+    The official run's SE is condiff's bootstrap SE scaled by √(n_condiff / n_official) (same statistic, its own sample
+    size), so z = (c − o) / (SE_c·√(1 + n_c/n_o)) — √2·SE_c when the sizes are equal. The share of samples with no
+    change is a rare-event proportion: there both SEs are binomial, √(p(1−p)/n), each with its own p and n."""
+    se = res['se'].get(key)
+    if o is None or c is None or not off: return None, None
+    n_c, n_o = res['n_samples'], off.get('n_samples') or res['n_samples']
+    if key == 'frac_samples_no_change':
+        aug = lambda r, n: n * (1 - r.get('no_aug_fraction', 0))
+        na_c, na_o = aug(res, n_c), aug(off, n_o)
+        var = c * (1 - c) / na_c + o * (1 - o) / na_o
+        return math.sqrt(c * (1 - c) / na_c), ((c - o) / math.sqrt(var) if var > 0 else None)
+    if not se: return None, None
+    return se, (c - o) / (se * math.sqrt(1 + n_c / n_o))
+
+
 # (key, label) for the printed comparison
 ROWS = [
     ('ms_per_sample.p50', 'ms/sample median'), ('ms_per_sample.mean', 'ms/sample mean'),
@@ -191,6 +210,8 @@ def main():
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--markdown', action='store_true', help='print the README comparison tables')
     ap.add_argument('--out', type=str, default=None, help='write the full statistics JSON here')
+    ap.add_argument('--clip', choices=('column', 'image'), default='column',
+                    help="range each anomaly is clipped to: 'column' (official, condiff default) or 'image'")
     args = ap.parse_args()
     try:
         import torch; torch.set_num_threads(1)
@@ -206,13 +227,13 @@ def main():
     RestorationTask([0, 1, 2, 3, 4], same, other, p_no_aug=0)(same[20], np.random.default_rng(0))
     results = {}
     for k, name in enumerate(STREAMS):
-        rt = RestorationTask([k], same_source=same, other_source=other, p_no_aug=0.0, has_bg=True)
+        rt = RestorationTask([k], same_source=same, other_source=other, p_no_aug=0.0, has_bg=True, clip=args.clip)
         results[name] = stats(run_stream(rt, slices, args.n, args.seed, 1000 + k))
     train, val = fold_tasks(0)
-    rt = RestorationTask(train, same_source=same, other_source=other, p_no_aug=0.2, has_bg=True)
+    rt = RestorationTask(train, same_source=same, other_source=other, p_no_aug=0.2, has_bg=True, clip=args.clip)
     results[FOLD0] = stats(run_stream(rt, slices, 2 * args.n, args.seed, 2000))
     meta = dict(bench='tasks', python=platform.python_version(), numpy=np.__version__, machine=platform.platform(),
-                cpu_count=os.cpu_count(), threads=1, n_per_task=args.n, n_fold0=2 * args.n, seed=args.seed,
+                cpu_count=os.cpu_count(), threads=1, clip=args.clip, n_per_task=args.n, n_fold0=2 * args.n, seed=args.seed,
                 date=time.strftime('%Y-%m-%d'))
     print(json.dumps(dict(meta=meta)))
     for name, res in results.items():
@@ -228,8 +249,8 @@ def main():
             if key.startswith('ms_per_sample') and o: line['speedup'] = o / c if c else None
             if key.startswith('cpu_ms_per_sample'):   # the official figures are wall-clock on an idle machine
                 o = get(off, 'ms_per_sample.' + key.split('.')[1]); line.update(official=o, speedup=o / c if o and c else None)
-            se = res['se'].get(key)
-            if se and o is not None: line.update(se=se, z=(c - o) / (math.sqrt(2) * se))
+            se, z = zscore(key, c, o, res, off)
+            if z is not None: line.update(se=se, z=z)
             print(json.dumps(line, default=float))
     if official:  # the single-thread official timing, for the per-task speed-up
         for name in STREAMS:
@@ -255,8 +276,8 @@ def print_markdown(results, official):
             c, o = get(res, key), get(off, key)
             if key.startswith('cpu_ms_per_sample'): o = get(off, 'ms_per_sample.' + key.split('.')[1])
             f = (lambda v: '–' if v is None else (f'{v:.3g}' if isinstance(v, (float, np.floating)) else str(v)))
-            se = res['se'].get(key)
-            z = f' (z {(c - o) / (math.sqrt(2) * se):+.1f})' if se and o is not None else ''
+            _, zz = zscore(key, c, o, res, off)
+            z = f' (z {zz:+.1f})' if zz is not None else ''
             cells.append(f'{f(o)} / {f(c)}{z}')
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
 

@@ -15,10 +15,11 @@ from scipy import fft as sfft, ndimage as ndi
 # %% auto #0
 __all__ = ['TASK_NAMES', 'FOLDS', 'MIN_SIZE', 'SHEAR_STD', 'MIN_ANOM_PROP', 'MAX_ANOM_PROP', 'THRESHOLD', 'HALVE_EVERY',
            'MAX_FAILURES', 'MAX_SOURCE_TRIES', 'TEXTURES', 'MIN_PUSH', 'MAX_PUSH', 'INTENSITY_SCALE', 'MAX_ANOMALIES',
-           'fold_tasks', 'sample_rng', 'check_image', 'foreground_mask', 'Shape', 'sample_shape', 'Foreground',
-           'foreground_regions', 'size_bounds', 'find_location', 'dst1', 'idst1', 'laplacian', 'guidance_divergence',
-           'poisson_blend', 'MultiSource', 'source_patch', 'texture_source', 'sample_push', 'push_exponent',
-           'radial_map', 'deform_patch', 'perlin_fractal', 'intensity_patch', 'apply_task', 'RestorationTask']
+           'CLIP_MODES', 'fold_tasks', 'sample_rng', 'check_image', 'foreground_mask', 'Shape', 'sample_shape',
+           'Foreground', 'foreground_regions', 'size_bounds', 'find_location', 'dst1', 'idst1', 'laplacian',
+           'guidance_divergence', 'poisson_blend', 'MultiSource', 'source_patch', 'texture_source', 'sample_push',
+           'push_exponent', 'radial_map', 'deform_patch', 'perlin_fractal', 'intensity_patch', 'original_bounds',
+           'apply_task', 'RestorationTask']
 
 # %% ../nbs/02_tasks.ipynb #a1be0cab
 TASK_NAMES = ('same_dset_blend', 'other_dset_blend', 'sink_deform', 'source_deform', 'intensity_change')
@@ -254,7 +255,7 @@ def poisson_blend(target,  # C×h×w patch of the image being corrupted
 
 # %% ../nbs/02_tasks.ipynb #8b24718c
 class MultiSource:
-    "Several source datasets; a draw picks one dataset uniformly, then one of its images (the official external sources)."
+    "Several source datasets; one is picked uniformly per sample, then images are drawn from it (the official external sources)."
     def __init__(self, *sources):
         if not sources: raise ValueError("MultiSource needs at least one source")
         for i, s in enumerate(sources): _check_source(s, f"source {i}")
@@ -265,11 +266,22 @@ class MultiSource:
             if i < len(s): return s[i]
             i -= len(s)
         raise IndexError(i)
-    def draw(self, rng):
+    def pick(self, rng):
+        "Choose one dataset uniformly: a source whose draws all come from it, labelled (dataset, image)."
         k = int(rng.integers(len(self.sources)))
-        i = int(rng.integers(len(self.sources[k])))
-        return self.sources[k][i], (k, i)
+        return _Picked(k, self.sources[k])
+    def draw(self, rng):
+        "One image: a dataset chosen uniformly, then an image of it; returns (image, (dataset, index))."
+        return self.pick(rng).draw(rng)
     def __repr__(self): return f"MultiSource({', '.join(str(len(s)) for s in self.sources)} images)"
+
+class _Picked:
+    def __init__(self, k, source): self.k, self.source = k, source
+    def __len__(self): return len(self.source)
+    def __getitem__(self, i): return self.source[i]
+    def draw(self, rng):
+        i = int(rng.integers(len(self.source)))
+        return self.source[i], (self.k, i)
 
 def _check_source(source, name):
     if not hasattr(source, '__len__') or not hasattr(source, '__getitem__'):
@@ -277,9 +289,15 @@ def _check_source(source, name):
     if len(source) == 0: raise ValueError(f"{name} is empty")
 
 def _draw(source, rng):
-    if isinstance(source, MultiSource): return source.draw(rng)
+    if isinstance(source, (MultiSource, _Picked)): return source.draw(rng)
     i = int(rng.integers(len(source)))
     return source[i], i
+
+def _grid_box(T, h, w):
+    "⌊min⌋ and integer size, per axis, of the box spanned by T·K for the grid's outer corners K = {0, h}×{0, w}."
+    P = T @ np.array([[0., 0., h, h], [0., w, 0., w]])
+    m = np.floor(P.min(1))
+    return m, (np.ceil(P.max(1)) - m).astype(int)
 
 MAX_SOURCE_TRIES = 100
 
@@ -298,39 +316,35 @@ def source_patch(source,  # sequence of C×H×W images in [0, 1] (or a `MultiSou
         if src.ndim != 3 or src.shape[1] < 4 or src.shape[2] < 4:
             raise ValueError(f"{name}[{idx}] must be a C×H×W image, got shape {src.shape}")
         Cs, Hs, Ws = src.shape
-        if Cs > C: src = src[np.sort(rng.choice(Cs, C, replace=False))]
+        fg = (src > src.min()).any(0) if masked else None       # the source's own foreground, before channel matching
+        if Cs > C: src = src[rng.choice(Cs, C, replace=False)]
         elif Cs < C:
-            fill = target[rng.choice(C, C - Cs, replace=False)]
+            fill = target[rng.choice(C, C - Cs, replace=True)]
             if fill.shape[1:] != (Hs, Ws):
                 fill = np.stack([ndi.zoom(f, (Hs / f.shape[0], Ws / f.shape[1]), order=1, grid_mode=True, mode='nearest') for f in fill])
             src = np.concatenate([src, fill.astype(np.float32)])
         phi = rng.uniform(-np.pi / 4, np.pi / 4)
         c = 1 + rng.exponential(0.1)
         s = c if rng.random() < 0.5 else 1 / c
-        ca, sa = abs(math.cos(phi)), abs(math.sin(phi))
-        bb = (h * ca + w * sa, h * sa + w * ca)                # bounding box of the rotated patch
-        s = min(s, 0.8 * Hs / bb[0], 0.8 * Ws / bb[1])
-        ylo, xlo = math.ceil(s * bb[0] / 2), math.ceil(s * bb[1] / 2)
-        yhi, xhi = math.floor(Hs - 1 - s * bb[0] / 2), math.floor(Ws - 1 - s * bb[1] / 2)
-        if yhi < ylo or xhi < xlo: continue
+        R = np.array([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]])   # patch grid -> source
+        _, G0 = _grid_box(R, h, w)
+        T = min(s, 0.8 * Hs / G0[0], 0.8 * Ws / G0[1]) * R
+        m, G = _grid_box(T, h, w)                                # the source box the patch is cut from
+        half = G // 2
+        span = np.array([Hs, Ws]) - G                            # the box's corner runs over 0..span
+        if (span < 0).any(): continue
         if masked:
-            ok = (src[:, ylo:yhi + 1, xlo:xhi + 1] > src.min()).any(0)
+            ok = fg[half[0]:half[0] + span[0] + 1, half[1]:half[1] + span[1] + 1]
             cand = np.flatnonzero(ok)
-            if len(cand) == 0: continue                         # no foreground where the patch fits: draw again
+            if len(cand) == 0: continue                         # no foreground where the box fits: draw again
             k = int(cand[rng.integers(len(cand))])
-            cy, cx = ylo + k // ok.shape[1], xlo + k % ok.shape[1]
+            y0, x0 = k // ok.shape[1], k % ok.shape[1]         # corner = centre pixel − ⌊G/2⌋
         else:
-            cy, cx = int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1))
-        co, si = s * math.cos(phi), s * math.sin(phi)           # grid offset -> source offset: s·R(φ)
-        yy = np.arange(h)[:, None] - (h - 1) / 2; xx = np.arange(w)[None, :] - (w - 1) / 2
-        py = cy + co * yy - si * xx; px = cx + si * yy + co * xx
-        mg = 12                                                 # crop margin: the spline prefilter's edge effect is < 1e-6 there
-        y0, y1 = max(int(py.min()) - mg, 0), min(int(py.max()) + mg + 2, Hs)
-        x0, x1 = max(int(px.min()) - mg, 0), min(int(px.max()) + mg + 2, Ws)
-        coords = np.stack([py - y0, px - x0])
+            y0, x0 = int(rng.integers(span[0] + 1)), int(rng.integers(span[1] + 1))
         out = np.empty((C, h, w), np.float32)
-        for ch in range(C):
-            out[ch] = ndi.map_coordinates(src[ch, y0:y1, x0:x1], coords, order=3, mode='constant')
+        for ch in range(C):                                     # the spline sees only the box; beyond it: 0
+            out[ch] = ndi.affine_transform(src[ch, y0:y0 + G[0], x0:x0 + G[1]], T, offset=-m, output_shape=(h, w),
+                                           order=3, mode='constant', cval=0.)
         np.clip(out, src.min((1, 2))[:, None, None], src.max((1, 2))[:, None, None], out=out)
         return out, idx
     raise ValueError(f"{name}: no image with foreground where a {h}×{w} patch fits after {MAX_SOURCE_TRIES} draws")
@@ -468,6 +482,16 @@ def intensity_patch(patch,  # C×h×w patch of the image
 
 # %% ../nbs/02_tasks.ipynb #3873b11b
 MAX_ANOMALIES = 4
+CLIP_MODES = ('column', 'image')
+
+def original_bounds(img,  # C×H×W original image
+                    clip:str='column'  # 'column': min/max over the rows (official); 'image': over the whole image
+                   ) -> tuple:
+    "The (lo, hi) bounds, each C×1×W, that every anomaly is clipped to."
+    if clip not in CLIP_MODES: raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    C, H, W = img.shape
+    ax = 1 if clip == 'column' else (1, 2)
+    return (np.broadcast_to(img.min(ax, keepdims=True), (C, 1, W)), np.broadcast_to(img.max(ax, keepdims=True), (C, 1, W)))
 
 def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
                img,  # C×H×W float32 image in [0, 1]
@@ -475,12 +499,14 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
                mask=None,  # H×W bool foreground (MRI: `foreground_mask(img)`), None for no background
                same_source=None,  # task 0: the sequence of images the sample comes from
                other_source=None,  # task 1: an external sequence (default: `texture_source`)
-               return_info:bool=False  # also return the anomalies' shapes, positions and parameters
+               return_info:bool=False,  # also return the anomalies' shapes, positions and parameters
+               clip:str='column'  # range after each anomaly: 'column' (official: per channel and column) or 'image'
               ):
     "Apply task `task_id` to `img` with 1–4 anomalies placed by the official rule; returns the corrupted image."
     if not _is_int(task_id) or not 0 <= task_id <= 4:
         raise ValueError(f"unknown task id {task_id!r}; expected 0..4 ({', '.join(TASK_NAMES)})")
     if not isinstance(rng, np.random.Generator): raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+    if clip not in CLIP_MODES: raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     img = check_image(img)
     C, H, W = img.shape
     if mask is not None:
@@ -494,9 +520,10 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
     elif task_id == 1:
         source = texture_source(C if C in (1, 3) else 1, max(H, W)) if other_source is None else other_source
         _check_source(source, 'other_source')
+        if isinstance(source, MultiSource): source = source.pick(rng)   # one external dataset per sample (official)
     fg = foreground_regions(mask, (H, W))
     lb, ub = size_bounds(fg.size)
-    lo, hi = img.min((1, 2))[:, None, None], img.max((1, 2))[:, None, None]
+    lo, hi = original_bounds(img, clip)
     aug = img.copy()
     anomalies = []
     for _ in range(MAX_ANOMALIES):
@@ -515,7 +542,7 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
         else:
             new, extra = intensity_patch(patch, shape, rng, (H, W)); info.update(extra)
             new = np.clip(new, aug.min((1, 2))[:, None, None], aug.max((1, 2))[:, None, None])
-        aug[:, y:y + h, x:x + w] = np.clip(new, lo, hi)
+        aug[:, y:y + h, x:x + w] = np.clip(new, lo[:, :, x:x + w], hi[:, :, x:x + w])
         anomalies.append(info)
         if rng.random() < 0.5: break
     if return_info: return aug, dict(task_id=int(task_id), anomalies=anomalies, lb=lb, ub=ub)
@@ -528,17 +555,19 @@ class RestorationTask:
                  same_source=None,  # task 0's source: the images the samples come from
                  other_source=None,  # task 1's source (None: `texture_source` with the image's channels)
                  p_no_aug:float=0.2,  # probability of returning the image unchanged
-                 has_bg:bool=True):  # MRI: the image has a background (foreground = pixels above the minimum)
+                 has_bg:bool=True,  # MRI: the image has a background (foreground = pixels above the minimum)
+                 clip:str='column'):  # range after each anomaly: 'column' (official) or 'image' (see `apply_task`)
         ids = tuple(task_ids) if hasattr(task_ids, '__iter__') else (task_ids,)
         if not ids: raise ValueError("task_ids is empty")
         for t in ids:
             if not _is_int(t) or not 0 <= t <= 4: raise ValueError(f"unknown task id {t!r} in task_ids; expected ids in 0..4")
         if not 0 <= p_no_aug <= 1: raise ValueError(f"p_no_aug must be in [0, 1], got {p_no_aug}")
+        if clip not in CLIP_MODES: raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         if 0 in ids and same_source is None: raise ValueError("task 0 (same-dataset blend) needs same_source")
         if same_source is not None: _check_source(same_source, 'same_source')
         if other_source is not None: _check_source(other_source, 'other_source')
         self.task_ids, self.same_source, self.other_source = tuple(int(t) for t in ids), same_source, other_source
-        self.p_no_aug, self.has_bg = float(p_no_aug), bool(has_bg)
+        self.p_no_aug, self.has_bg, self.clip = float(p_no_aug), bool(has_bg), clip
 
     def __call__(self, img,  # C×H×W float32 in [0, 1]
                  rng:np.random.Generator,  # the sample's generator, e.g. `sample_rng(seed, epoch, index)`
@@ -551,7 +580,8 @@ class RestorationTask:
         if rng.random() < self.p_no_aug:
             return (img.copy(), img.copy(), dict(task_id=None, anomalies=[])) if return_info else (img.copy(), img.copy())
         t = self.task_ids[int(rng.integers(len(self.task_ids)))]
-        out = apply_task(t, img, rng, mask, self.same_source, self.other_source, return_info=return_info)
+        out = apply_task(t, img, rng, mask, self.same_source, self.other_source, return_info=return_info, clip=self.clip)
         return (out[0], img.copy(), out[1]) if return_info else (out, img.copy())
 
-    def __repr__(self): return f"RestorationTask(task_ids={self.task_ids}, p_no_aug={self.p_no_aug}, has_bg={self.has_bg})"
+    def __repr__(self):
+        return f"RestorationTask(task_ids={self.task_ids}, p_no_aug={self.p_no_aug}, has_bg={self.has_bg}, clip={self.clip!r})"

@@ -17,7 +17,7 @@ from safetensors.torch import save as _st_save, load as _st_load
 from tqdm.auto import tqdm
 from .ddpm import NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
 from .unet import UNET_PRESETS, build_unet
-from .tasks import FOLDS, RestorationTask, fold_tasks
+from .tasks import FOLDS, CLIP_MODES, RestorationTask, fold_tasks
 from .data import get_dataset, load_sliceset, to_model_space
 
 # %% auto #0
@@ -27,7 +27,8 @@ __all__ = ['TRAIN_PRESETS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch
            'read_log', 'plot_losses', 'load_model', 'main']
 
 # %% ../nbs/07_train.ipynb #0618a0ec
-_CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'))
+_CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
+                task_clip=CLIP_MODES)
 
 @dataclass
 class TrainConfig:
@@ -45,6 +46,7 @@ class TrainConfig:
     val_data: str|None = None  # optional path to a `save_sliceset` .npz used instead of the dataset's val split
     val_max_samples: int|None = None  # validate on at most this many (evenly spaced) val slices; None = all (paper)
     p_no_aug: float = 0.2  # probability that the conditioning is the clean slice
+    task_clip: str = 'column'  # range each anomaly is clipped to: 'column' (official, per column) or 'image' (see condiff.tasks)
     # -- model and diffusion
     unet: str = 'paper'  # `condiff.unet` preset: 'paper' | 'fast' | 'tiny'
     noise_offset: float = 0.1  # offset-noise scale
@@ -508,10 +510,10 @@ class Trainer:
         self.sched = NoiseSchedule()
         train_ids, val_ids = fold_tasks(cfg.fold)
         has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
-        self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg),
+        self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
                                     self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
         vimgs = self.val_set.images
-        self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg),
+        self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
                                   self.modality, cfg.seed, cfg.noise_offset, self.sched, 1, 'per-sample')
         n_val = len(vimgs)
         self.val_idx = (np.unique(np.linspace(0, n_val - 1, cfg.val_max_samples).round().astype(int)).tolist()

@@ -9,7 +9,7 @@ import scipy.stats
 from condiff.tasks import (FOLDS, fold_tasks, sample_rng, check_image, foreground_mask, sample_shape, foreground_regions,
                            size_bounds, find_location, dst1, idst1, poisson_blend, guidance_divergence, source_patch,
                            MultiSource, texture_source, sample_push, push_exponent, radial_map, deform_patch,
-                           perlin_fractal, intensity_patch, apply_task, RestorationTask, TEXTURES)
+                           perlin_fractal, intensity_patch, apply_task, RestorationTask, TEXTURES, original_bounds)
 
 
 def brain_like(size=128, seed=0, radii=(0.38, 0.3)):
@@ -279,6 +279,59 @@ def test_values_stay_in_original_range(task, kind):
     np.testing.assert_array_equal(img, before)                                     # the input is never modified
 
 
+def half_brain(size=64):
+    "A brain-like slice whose right 40% of columns hold no foreground at all (all zero)."
+    img = brain_like(size, radii=(0.4, 0.45))
+    img[:, :, int(0.6 * size):] = 0
+    return img
+
+
+def test_original_bounds():
+    img = np.random.default_rng(0).random((3, 5, 7)).astype(np.float32)
+    lo, hi = original_bounds(img, 'column')
+    assert lo.shape == hi.shape == (3, 1, 7)
+    np.testing.assert_array_equal(lo[:, 0], img.min(1)); np.testing.assert_array_equal(hi[:, 0], img.max(1))
+    lo, hi = original_bounds(img, 'image')
+    assert lo.shape == hi.shape == (3, 1, 7)
+    np.testing.assert_array_equal(lo[:, 0], np.repeat(img.min((1, 2))[:, None], 7, 1))
+    np.testing.assert_array_equal(hi[:, 0], np.repeat(img.max((1, 2))[:, None], 7, 1))
+    with pytest.raises(ValueError, match='clip'): original_bounds(img, 'row')
+
+
+@pytest.mark.parametrize('task', range(5))
+@pytest.mark.parametrize('kind', ['mri', 'rgb'])
+def test_official_column_clip(task, kind):
+    "Default clip='column' (official): every pixel stays in its column's original range, per channel."
+    img = half_brain() if kind == 'mri' else fundus_like(64)
+    if kind == 'rgb': img[:, :, 40:] *= 0.5                                       # columns with a smaller range
+    mask = foreground_mask(img) if kind == 'mri' else None
+    same = np.stack([half_brain()] * 2) if kind == 'mri' else np.stack([fundus_like(64, seed=s) for s in range(3)])
+    lo, hi = img.min(1, keepdims=True), img.max(1, keepdims=True)
+    for i in range(25):
+        out = apply_task(task, img, sample_rng(12, task, i), mask, same_source=same)
+        assert (out >= lo).all() and (out <= hi).all()
+        if kind == 'mri': assert (out[:, :, 39:] == 0).all()                     # a column without brain never changes
+
+
+def test_column_clip_differs_from_image_clip():
+    "clip='image' (the evident intent) lets increases reach empty columns; the official column clip erases them."
+    img = half_brain(); mask = foreground_mask(img)
+    empty = img.max(1)[0] == 0
+    reach = 0
+    for i in range(60):
+        a, info = apply_task(4, img, sample_rng(13, 0, i), mask, clip='image', return_info=True)
+        b = apply_task(4, img, sample_rng(13, 0, i), mask)                           # same draws, default 'column'
+        if len(info['anomalies']) > 1: continue                                      # one anomaly: the clip is the only difference
+        np.testing.assert_array_equal(b, np.clip(a, *original_bounds(img, 'column')))
+        reach += int((np.abs(a - img)[0][:, empty] > 1e-3).any())
+        if reach: break
+    assert reach, "no intensity anomaly reached the empty columns with clip='image'"
+    rt = RestorationTask([2, 4], clip='image')
+    assert rt.clip == 'image' and "clip='image'" in repr(rt) and RestorationTask([2]).clip == 'column'
+    with pytest.raises(ValueError, match='clip'): RestorationTask([2], clip='global')
+    with pytest.raises(ValueError, match='clip'): apply_task(2, img, sample_rng(0, 0, 0), mask, clip=None)
+
+
 def test_push_and_exponent():
     rng = np.random.default_rng(0)
     for A in (0.3, 2.0, 10.0, 40.0, 120.0):
@@ -330,7 +383,33 @@ def test_masked_source_patch_is_centred_on_foreground():
     rng = np.random.default_rng(0)
     for _ in range(30):
         p, _ = source_patch([src], (11, 11), np.zeros((1, 64, 64), np.float32), rng, masked=True)
-        assert p[0, 5, 5] > 0.5                                                      # the patch centre sits on the blob
+        assert p[0, 4:7, 4:7].max() > 0.5                       # the chosen pixel lands within ~1 px of the patch centre
+
+
+def test_source_box_is_the_official_tight_crop():
+    "The spline sees only the box spanned by the grid's outer corners: in ~12% of patches 1–2 far-corner pixels read 0."
+    src = np.full((1, 300, 300), 0.5, np.float32); src[0, 0, 0] = 0.                # range [0, 0.5]: a 0 survives the clip
+    rng = np.random.default_rng(3)
+    hit, where = 0, []
+    for _ in range(600):
+        p, _ = source_patch([src], (17, 13), np.zeros((1, 64, 64), np.float32), rng, masked=False)
+        low = np.argwhere(p[0] < 0.5 - 1e-4)
+        if len(low): hit += 1; where += [tuple(q) for q in low]
+    assert 0.05 < hit / 600 < 0.25, hit
+    assert all(y >= 15 or x >= 11 for y, x in where), where                          # only at the far edges
+
+
+def test_multisource_one_dataset_per_sample():
+    a = np.zeros((3, 1, 64, 64), np.float32) + np.linspace(0, 1, 64)[None, None, None]
+    b = a.transpose(0, 1, 3, 2).copy()
+    ms = MultiSource(a, b)
+    ks = []
+    for i in range(300):
+        _, info = apply_task(1, BRAIN, sample_rng(14, 0, i), foreground_mask(BRAIN), other_source=ms, return_info=True)
+        k = {an['source_index'][0] for an in info['anomalies']}
+        assert len(k) == 1                                                           # every anomaly from one dataset
+        ks.append(k.pop())
+    assert abs(np.mean(ks) - 0.5) < 0.1
 
 
 def test_channel_matching():
