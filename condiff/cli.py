@@ -172,9 +172,12 @@ def train_fold(config, # a TrainConfig (from `train_config`)
                runs='runs', # root of the run folders
                progress:bool=True, # tqdm bar
               ) -> tuple: # (run folder, True if it was already finished)
-    "Train one fold unless it is finished; resumes an interrupted run."
-    from condiff.train import train, run_dir_for
+    "Train one fold unless it is finished; resumes an interrupted run. A folder trained with another config is an error."
+    from condiff.train import train, run_dir_for, saved_config_diff
     rd = run_dir_for(config, runs)
+    diff = saved_config_diff(rd, config)
+    if diff: raise ValueError(f"{rd} holds a fold trained with a different config {diff} (saved vs requested); "
+                              f"pass another --runs folder or remove it")
     if training_done(rd, config.max_steps): return rd, True
     return train(config, runs, resume=True, progress=progress), False
 

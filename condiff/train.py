@@ -23,8 +23,8 @@ from .data import get_dataset, load_sliceset, to_model_space
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch_permutation', 'StreamSampler', 'make_loader',
            'ema_decay', 'EMA', 'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'get_rng_state',
-           'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for', 'Trainer', 'weights_digest', 'train',
-           'read_log', 'plot_losses', 'load_model', 'main']
+           'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for', 'saved_config_diff', 'Trainer',
+           'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model', 'main']
 
 # %% ../nbs/07_train.ipynb #0618a0ec
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
@@ -451,6 +451,17 @@ _RUNTIME_KEYS = {'device', 'num_workers', 'max_steps', 'log_every', 'checkpoint_
 
 def _jsonable(x): return json.loads(json.dumps(x))
 
+def saved_config_diff(run_dir, # a run folder (may not exist yet)
+                      config:TrainConfig # the config about to train there
+                     ) -> dict: # {field: (saved, given)} for every non-runtime field that differs; {} if none or no run
+    "How the config saved in `run_dir` differs from `config`, leaving out the fields a resumed run may change."
+    p = Path(run_dir) / 'config.json'
+    if not p.exists(): return {}
+    old = TrainConfig.from_json(p)
+    if 'task_clip' not in json.loads(p.read_text()): old = old.replace(task_clip='image')  # saved before the option: whole-image clip
+    return {f.name: (getattr(old, f.name), getattr(config, f.name)) for f in fields(TrainConfig)
+            if f.name not in _RUNTIME_KEYS and getattr(old, f.name) != getattr(config, f.name)}
+
 def _git_commit():
     try:
         r = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
@@ -558,11 +569,7 @@ class Trainer:
         return tr, va
 
     def _check_same_run(self):
-        p = self.run_dir / 'config.json'
-        if not p.exists(): return
-        old = TrainConfig.from_json(p)
-        diff = {f.name: (getattr(old, f.name), getattr(self.config, f.name)) for f in fields(TrainConfig)
-                if f.name not in _RUNTIME_KEYS and getattr(old, f.name) != getattr(self.config, f.name)}
+        diff = saved_config_diff(self.run_dir, self.config)
         if diff: raise ValueError(f"{self.run_dir} holds a run with a different config {diff} (saved vs given); "
                                   f"only {sorted(_RUNTIME_KEYS)} may change when resuming. Use another out_dir.")
 

@@ -205,6 +205,19 @@ def weights(run_dir):
     return weights_digest(load_file(str(run_dir / 'checkpoints/latest/model.safetensors')))
 
 
+def test_train_fold_refuses_a_folder_trained_with_another_config(runs, tmp_path):
+    shutil.copytree(runs / 'runs', tmp_path / 'runs', symlinks=True)
+    small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
+    c = fold_config('phantom-brain', 't1', 0, train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'), **small)
+    rd, finished = train_fold(c, tmp_path / 'runs', progress=False)
+    assert finished
+    with pytest.raises(ValueError, match="different config.*'lr'"): train_fold(c.replace(lr=1e-3), tmp_path / 'runs', progress=False)
+    cj = rd / 'config.json'; d = json.loads(cj.read_text()); del d['task_clip']; cj.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="different config.*'task_clip': \\('image', 'column'\\)"):  # saved before the option
+        train_fold(c, tmp_path / 'runs', progress=False)
+    assert train_fold(c.replace(task_clip='image'), tmp_path / 'runs', progress=False) == (rd, True)
+
+
 def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
     cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
                           runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=2,
