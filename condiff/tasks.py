@@ -506,7 +506,6 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
     if not _is_int(task_id) or not 0 <= task_id <= 4:
         raise ValueError(f"unknown task id {task_id!r}; expected 0..4 ({', '.join(TASK_NAMES)})")
     if not isinstance(rng, np.random.Generator): raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
-    if clip not in CLIP_MODES: raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     img = check_image(img)
     C, H, W = img.shape
     if mask is not None:
@@ -535,13 +534,14 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
         if task_id <= 1:
             src, idx = source_patch(source, (h, w), aug, rng, masked=mask is not None,
                                     name='same_source' if task_id == 0 else 'other_source')
-            new = np.clip(poisson_blend(patch, src, shape.mask), aug.min((1, 2))[:, None, None], aug.max((1, 2))[:, None, None])
+            new = poisson_blend(patch, src, shape.mask)
             info['source_index'] = idx
         elif task_id <= 3:
             new, extra = deform_patch(patch, shape, rng, sink=task_id == 2); info.update(extra)
         else:
             new, extra = intensity_patch(patch, shape, rng, (H, W)); info.update(extra)
-            new = np.clip(new, aug.min((1, 2))[:, None, None], aug.max((1, 2))[:, None, None])
+        if task_id in (0, 1, 4):                                         # the task's own clip: the current image's range
+            new = np.clip(new, aug.min((1, 2), keepdims=True), aug.max((1, 2), keepdims=True))
         aug[:, y:y + h, x:x + w] = np.clip(new, lo[:, :, x:x + w], hi[:, :, x:x + w])
         anomalies.append(info)
         if rng.random() < 0.5: break
