@@ -770,6 +770,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--examples', type=int, default=2, help='Figure 3 examples per test set (default: 2)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TrainConfig override for every fold')
     _add_sampling(p); _add_common(p, testsets=True)
+    p = sub.add_parser('pretrain', help="train a shipped base model of the CPU default",
+                       description="Train the CPU default's base model of KIND (mri: T1 and T2 phantom brains; rf: phantom fundus) "
+                                   "on all five tasks, then write WEIGHTS_DIR/base-KIND.safetensors (float16) and its manifest.")
+    p.add_argument('kind', choices=('mri', 'rf'), help='which base model')
+    p.add_argument('--max-steps', type=int, default=3000, help='training steps (default 3000)')
+    p.add_argument('--runs', default='runs', help='root of the run folders (default runs)')
+    p.add_argument('--weights-dir', default=None, help="where the weights go (default: the package's weights/ folder)")
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p = sub.add_parser('detect', help='anomaly map for a new scan', formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
                        'NIfTI (.nii/.nii.gz): a skull-stripped volume registered to the training atlas space; the benchmark\n'
@@ -819,6 +828,12 @@ def main(argv=None):
                                   eval_batch_size=a.batch_size, test_images=a.test_images,
                                   train_overrides=_parse_sets(a.set), n_examples=a.examples)
             reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
+        elif a.command == 'pretrain':
+            if a.max_steps < 1 or a.threads < 1: raise ValueError(f"--max-steps and --threads must be >= 1, got {a.max_steps}, {a.threads}")
+            import torch
+            from condiff.train import build_base
+            torch.set_num_threads(a.threads)
+            print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, progress=progress))
         elif a.command == 'detect':
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size or 16,
                        a.folds, a.zero_below, a.overwrite, progress)

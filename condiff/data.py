@@ -48,6 +48,7 @@ class SliceSet:
     masks: np.ndarray|None = None  # N×1×H×W bool ground truth, None for healthy training data
     name: str = ''  # human-readable dataset name
     meta: dict = field(default_factory=dict)  # provenance: source files, preprocessing, seed
+    healthy: np.ndarray|None = None  # N×C×H×W float32: each slice without its lesions, where known (phantoms); None for real data
 
     def __post_init__(self):
         self.images = np.asarray(self.images)
@@ -72,6 +73,12 @@ class SliceSet:
             if m.dtype != bool: raise ValueError(f"{where}: masks must be bool, got {m.dtype}")
             if m.shape != (x.shape[0], 1, *x.shape[2:]):
                 raise ValueError(f"{where}: masks of shape {m.shape} do not match images {x.shape} (want N×1×H×W)")
+        if self.healthy is not None:
+            h = self.healthy = np.asarray(self.healthy)
+            if h.shape != x.shape or h.dtype != np.float32:
+                raise ValueError(f"{where}: healthy references must be float32 of the images' shape {x.shape}, got {h.dtype} {h.shape}")
+            if h.size and (not np.isfinite(h).all() or h.min() < 0 or h.max() > 1):
+                raise ValueError(f"{where}: healthy references must be finite and lie in [0, 1]")
 
     def __len__(self): return len(self.images)
 
@@ -83,12 +90,13 @@ class SliceSet:
 
     def subset(self, idx, name=None):
         "A new `SliceSet` with the slices at `idx` (indices, a boolean array, or a `slice`, which gives views)."
+        pick = lambda a: None if a is None else a[idx]
         if isinstance(idx, slice):
-            return SliceSet(self.images[idx], self.ids[idx], self.modality,
-                            None if self.masks is None else self.masks[idx], name or self.name, dict(self.meta))
+            return SliceSet(self.images[idx], self.ids[idx], self.modality, pick(self.masks), name or self.name, dict(self.meta),
+                            pick(self.healthy))
         idx = np.arange(len(self))[np.asarray(idx)] if np.asarray(idx).dtype == bool else np.asarray(idx, dtype=np.int64)
-        return SliceSet(self.images[idx], [self.ids[i] for i in idx], self.modality,
-                        None if self.masks is None else self.masks[idx], name or self.name, dict(self.meta))
+        return SliceSet(self.images[idx], [self.ids[i] for i in idx], self.modality, pick(self.masks), name or self.name,
+                        dict(self.meta), pick(self.healthy))
 
     def __repr__(self):
         s = f"SliceSet({self.name!r}, {self.modality}, {len(self)} slices of {tuple(self.images.shape[1:])}"
@@ -115,6 +123,7 @@ def save_sliceset(ss:SliceSet, path):
         arrs = dict(images=ss.images, ids=np.array(ss.ids), modality=np.array(ss.modality), name=np.array(ss.name),
                     meta=np.array(json.dumps(ss.meta, default=str)))
         if ss.masks is not None: arrs['masks'] = ss.masks
+        if ss.healthy is not None: arrs['healthy'] = ss.healthy
         with open(tmp, 'wb') as f: np.savez(f, **arrs)
     return atomic_write(path, _w, suffix='.npz')
 
@@ -125,7 +134,7 @@ def load_sliceset(path) -> SliceSet:
     try:
         with np.load(path, allow_pickle=False) as z:
             return SliceSet(z['images'], z['ids'].tolist(), str(z['modality']), z['masks'] if 'masks' in z else None,
-                            str(z['name']), json.loads(str(z['meta'])))
+                            str(z['name']), json.loads(str(z['meta'])), z['healthy'] if 'healthy' in z else None)
     except (OSError, KeyError, ValueError, EOFError) as e:
         if isinstance(e, ValueError) and 'SliceSet' in str(e): raise
         raise ValueError(f"{path}: corrupt or unreadable slice-set cache ({e})") from e

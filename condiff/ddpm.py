@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps', 'min_snr_weight', 'diffusion_loss',
+__all__ = ['PREDICTION_TYPES', 'NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps',
+           'check_prediction_type', 'min_snr_weight', 'prediction_target', 'eps_from_prediction', 'diffusion_loss',
            'StridedSampler', 'DDPMSampler', 'DDIMSampler', 'restore']
 
 # %% ../nbs/00_ddpm.ipynb #4095c751
@@ -150,39 +151,81 @@ def sample_timesteps(sched:NoiseSchedule, # the noise schedule (gives T)
     return torch.randint(0, T, (batch_size,), generator=generator, device=_gen_device(generator, device)).to(device)
 
 # %% ../nbs/00_ddpm.ipynb #7f2fd97d
+PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')  # what the network outputs: ε (paper), x0, or v (diffusers' names)
+
+def check_prediction_type(prediction_type:str) -> str:
+    "`prediction_type` if it is one of `PREDICTION_TYPES`, else a ValueError naming the allowed values."
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
 def min_snr_weight(sched:NoiseSchedule, # the noise schedule
                    t, # timesteps, LongTensor [B]
                    gamma:float=1.0, # the Min-SNR γ
-                  ) -> torch.Tensor: # per-sample weights min(SNR_t, γ)/SNR_t, float32
-    "Min-SNR-γ weights for the ε objective, as in diffusers' training examples."
+                   prediction_type:str='epsilon', # the objective the weight multiplies: 'epsilon', 'sample' or 'v_prediction'
+                  ) -> torch.Tensor: # per-sample weights, float32: min(SNR_t, γ)/SNR_t for ε
+    "Min-SNR-γ weights (x0-error weight min(SNR, γ)) for the ε objective (diffusers' training examples), x0 or v."
     if not (isinstance(gamma, numbers.Real) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
     snr = sched.snr(t)
-    return torch.clamp(snr, max=gamma) / snr
+    w = torch.clamp(snr, max=gamma)
+    return {'epsilon': w / snr, 'sample': w, 'v_prediction': w / (snr + 1)}[check_prediction_type(prediction_type)]
+
+
+# %% ../nbs/00_ddpm.ipynb #acc1e08c
+def prediction_target(sched:NoiseSchedule, # the noise schedule
+                      x0:torch.Tensor, # clean images B×C×H×W
+                      noise:torch.Tensor, # ε, same shape
+                      t, # timesteps, LongTensor [B]
+                      prediction_type:str='epsilon', # 'epsilon', 'sample' or 'v_prediction'
+                     ) -> torch.Tensor:
+    "What a network of `prediction_type` is trained to output: ε, x0, or v (= diffusers' `get_velocity`)."
+    check_prediction_type(prediction_type)
+    if prediction_type == 'epsilon': return noise
+    if prediction_type == 'sample': return x0
+    ab = _bcast(sched.alphas_cumprod.to(x0.device)[t], x0.ndim).to(x0.dtype)
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+def eps_from_prediction(sched:NoiseSchedule, # the noise schedule
+                        out:torch.Tensor, # the network's output at (x_t, t)
+                        x_t:torch.Tensor, # the noisy input it saw
+                        t, # timesteps, LongTensor [B]
+                        prediction_type:str='epsilon', # what `out` is: 'epsilon', 'sample' or 'v_prediction'
+                       ) -> torch.Tensor:
+    "ε̂ from a network's output of any `prediction_type` (the samplers take ε̂)."
+    check_prediction_type(prediction_type)
+    if prediction_type == 'epsilon': return out
+    ab = _bcast(sched.alphas_cumprod.to(x_t.device)[t], x_t.ndim).to(out.dtype)
+    if prediction_type == 'sample': return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+    return ab.sqrt() * out + (1 - ab).sqrt() * x_t
 
 # %% ../nbs/00_ddpm.ipynb #335b86fb
-def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> ε̂, same shape as x0
+def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's output (ε̂ for the paper), same shape as x0
                    x0:torch.Tensor, # clean (healthy) images B×C×H×W
                    cond:torch.Tensor, # conditioning images, batch and spatial size of x0
                    sched:NoiseSchedule, # the noise schedule
                    t, # timesteps, LongTensor [B]
-                   noise:torch.Tensor, # ε (e.g. from `offset_noise`), same shape as x0; it is also the target
+                   noise:torch.Tensor, # ε (e.g. from `offset_noise`), same shape as x0; the target of the ε objective
                    snr_gamma:float|None=1.0, # Min-SNR γ; None = unweighted MSE
                    reduction:str='mean', # 'mean' (a scalar) or 'none' (the B weighted per-sample losses)
+                   prediction_type:str='epsilon', # what model_fn outputs: 'epsilon' (paper), 'sample' (x0) or 'v_prediction'
                   ) -> torch.Tensor:
-    "Min-SNR-weighted ε-prediction MSE of the official trainer."
+    "Min-SNR-weighted prediction MSE of the official trainer (ε objective), or of the x0 / v objective."
     if reduction not in ('mean', 'none'): raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    check_prediction_type(prediction_type)
     _check_tensor(x0, 'x0'); _check_tensor(cond, 'cond')
     if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
         raise ValueError(f"cond shape {tuple(cond.shape)} does not match x0 shape {tuple(x0.shape)} (batch and spatial size)")
     t = sched.check_timesteps(t, x0.shape[0]).to(x0.device)
     x_t = q_sample(sched, x0, t, noise)
-    eps_hat = model_fn(x_t, t, cond)
-    if eps_hat.shape != noise.shape:
-        raise ValueError(f"model_fn returned shape {tuple(eps_hat.shape)}, expected {tuple(noise.shape)}")
-    per = F.mse_loss(eps_hat.float(), noise.float(), reduction='none').mean(dim=tuple(range(1, x0.ndim)))
-    if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma)
+    out = model_fn(x_t, t, cond)
+    if out.shape != noise.shape:
+        raise ValueError(f"model_fn returned shape {tuple(out.shape)}, expected {tuple(noise.shape)}")
+    target = noise if prediction_type == 'epsilon' else prediction_target(sched, x0, noise, t, prediction_type)
+    per = F.mse_loss(out.float(), target.float(), reduction='none').mean(dim=tuple(range(1, x0.ndim)))
+    if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma, prediction_type)
     return per.mean() if reduction == 'mean' else per
+
 
 # %% ../nbs/00_ddpm.ipynb #3758d28e
 class StridedSampler:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['image_metrics', 'pixel_metrics', 'StreamingMetrics']
+__all__ = ['image_metrics', 'pixel_metrics', 'StreamingMetrics', 'RestorationMeter', 'restoration_quality']
 
 # %% ../nbs/04_metrics.ipynb #f1ad8cc3
 def _ap_dice(pos:np.ndarray, # positives in each group, groups in decreasing value order
@@ -282,3 +282,51 @@ class StreamingMetrics:
         ap_hi = rest + float(np.sum(p * (a + p) / (c + p)) / P)  # ... and <= (a+p)/(c+p)
         dice_hi = max(dice, float(np.max(2 * (a + p) / (c + p + P))))  # best F1 a split of the bin could reach
         return {'AP_p': (min(ap_lo, ap), max(ap_hi, ap)), 'max_Dice': (dice, dice_hi)}
+
+# %% ../nbs/04_metrics.ipynb #11ec789f
+class RestorationMeter:
+    "Streaming lesion removal and healthy fidelity over batches of (images, restorations, healthy references, masks)."
+    def __init__(self):
+        self.err_lesion = self.base_lesion = self.err_healthy = 0.0  # Σ|ŷ−x_h|, Σ|y−x_h| on lesions; Σ|ŷ−y| on healthy fg
+        self.n_lesion = self.n_healthy = 0  # pixel·channel counts
+
+    def update(self,
+               images, # N×C×H×W test images y in [0, 1]
+               restorations, # N×C×H×W restorations ŷ in [0, 1]
+               healthy, # N×C×H×W healthy references x_h (the same slices without lesions)
+               masks, # N×1×H×W (or N×H×W) lesion masks, bool or 0/1
+              ):
+        "Add one batch; a failed update changes nothing."
+        y, r, h = (_to_numpy(a, k).astype(np.float64) for a, k in ((images, 'images'), (restorations, 'restorations'), (healthy, 'healthy')))
+        if y.ndim != 4: raise ValueError(f"images must be N×C×H×W, got shape {y.shape}")
+        for a, k in ((r, 'restorations'), (h, 'healthy')):
+            if a.shape != y.shape: raise ValueError(f"{k} shape {a.shape} does not match images {y.shape}")
+            if not np.isfinite(a).all(): raise ValueError(f"{k} contain NaN or Inf")
+        if not np.isfinite(y).all(): raise ValueError("images contain NaN or Inf")
+        m = _to_numpy(masks, 'masks')
+        if m.ndim == 3: m = m[:, None]
+        if m.shape != (y.shape[0], 1, *y.shape[2:]): raise ValueError(f"masks shape {m.shape} does not match images {y.shape} (want N×1×H×W)")
+        if m.dtype != bool:
+            if not np.isin(m, (0, 1)).all(): raise ValueError("masks must be bool or 0/1")
+            m = m.astype(bool)
+        les = np.broadcast_to(m, y.shape)
+        fg = np.broadcast_to((y > 0).any(1, keepdims=True) & ~m, y.shape)
+        self.err_lesion += float(np.abs(r - h)[les].sum()); self.base_lesion += float(np.abs(y - h)[les].sum())
+        self.err_healthy += float(np.abs(r - y)[fg].sum())
+        self.n_lesion += int(les.sum()); self.n_healthy += int(fg.sum())
+        return self
+
+    def merge(self, other:RestorationMeter):
+        "Add another meter's sums (another fold's shard, say)."
+        for k in ('err_lesion', 'base_lesion', 'err_healthy', 'n_lesion', 'n_healthy'): setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    def compute(self) -> dict:
+        "{'lesion_removal', 'healthy_fidelity', 'n_lesion_px', 'n_healthy_px'} (None where there is nothing to measure)."
+        return dict(lesion_removal=1 - self.err_lesion / self.base_lesion if self.base_lesion > 0 else None,
+                    healthy_fidelity=self.err_healthy / self.n_healthy if self.n_healthy else None,
+                    n_lesion_px=self.n_lesion, n_healthy_px=self.n_healthy)
+
+def restoration_quality(images, restorations, healthy, masks) -> dict:
+    "Lesion removal and healthy fidelity of one set at once (see `RestorationMeter`)."
+    return RestorationMeter().update(images, restorations, healthy, masks).compute()

@@ -6,7 +6,7 @@ Docs: https://condiff.github.io/condiff/phantom.html.md"""
 
 # %% ../nbs/06_phantom.ipynb #d4bd758a
 from __future__ import annotations
-import hashlib, json, os, warnings
+import copy, hashlib, json, os, warnings
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -20,12 +20,12 @@ __all__ = ['STREAMS', 'PHANTOM_VERSION', 'FOV', 'MNI_SHAPE', 'PAD', 'Z_MAX', 'BO
            'DR_TYPES', 'DEFAULTS', 'NORMAL_SPLIT', 'PAPER_RANDOM', 'mni_tissues', 'BrainSubject', 'sample_tissues',
            'bias_field', 'render_mri', 'preprocess_mri', 'brain_subject', 'tumour_params', 'mass_effect',
            'tumour_layers', 'stroke_params', 'stroke_layers', 'retina_base', 'FundusView', 'preprocess_fundus',
-           'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'phantom_brain', 'phantom_brats', 'phantom_atlas',
-           'phantom_fundus', 'phantom_ddr', 'lesion_stats']
+           'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'noise_floor', 'phantom_brain', 'phantom_brats',
+           'phantom_atlas', 'phantom_fundus', 'phantom_ddr', 'lesion_stats']
 
 # %% ../nbs/06_phantom.ipynb #ba518f3a
 STREAMS = dict(brain=1, brats=2, atlas=3, fundus=4, ddr=5)  # one random stream per dataset: subjects never shared
-PHANTOM_VERSION = 2  # part of every cache key: bump when the generators change (1: development builds)
+PHANTOM_VERSION = 3  # part of every cache key: bump when the generators change (1: development builds; 3: healthy references)
 
 def _check_int(v, name, lo=0, hi=None):
     "`v` as an int in [lo, hi], or a ValueError naming the argument."
@@ -150,6 +150,7 @@ def render_mri(tissues:dict, # from `sample_tissues`
                rng:np.random.Generator, # this scan's stream (contrast jitter, bias, noise)
                layers=(), # lesions: (weight in [0,1], {sequence: level_fn(tissue levels, image) -> intensity}) pairs
                noise=(0.015, 0.035), # range of the Rician σ, as a fraction of the brightest tissue level
+               noise_rng:np.random.Generator|None=None, # draw the noise itself from this stream (None: from `rng`)
               ) -> np.ndarray:
     "A skull-stripped MR image of the tissues (float32, exactly 0 outside the brain)."
     sequence = _check_sequence(sequence)
@@ -158,7 +159,7 @@ def render_mri(tissues:dict, # from `sample_tissues`
     for w, level in layers: img = img * (1 - w) + level[sequence](lv, img) * w
     img = img * bias_field(rng, img.shape)
     sigma = np.float32(rng.uniform(*noise) * max(lv.values()))
-    n1, n2 = rng.standard_normal((2, *img.shape), dtype=np.float32) * sigma
+    n1, n2 = (rng if noise_rng is None else noise_rng).standard_normal((2, *img.shape), dtype=np.float32) * sigma
     return (np.sqrt((img + n1) ** 2 + n2 ** 2) * tissues['brain']).astype(np.float32)
 
 # %% ../nbs/06_phantom.ipynb #de6496ef
@@ -166,9 +167,11 @@ def preprocess_mri(vol:np.ndarray, # S×240×240 raw volume, axial axis first (a
                    seg:np.ndarray|None=None, # S×240×240 label map (BraTS labels or 0/1), or None
                    zero_below:float=1e-4, # values below are zeroed (the official 0.1 for ATLAS)
                    size:int=128, # output side
+                   scale:float|None=None, # divide by this instead of the volume's own maximum (then clip to [0, 1])
                   ):
     "The benchmark's MRI preprocessing (`condiff.data` steps 3–7): (images S'×size×size, masks or None, kept-slice flags)."
-    img = scale_to_unit(resize_slices(zero_small(crop_square(vol), zero_below), size))
+    img = resize_slices(zero_small(crop_square(vol), zero_below), size)
+    img = scale_to_unit(img) if scale is None else np.clip(img / np.float32(scale), 0, 1)
     keep = img.reshape(len(img), -1).sum(1) > 0
     if not keep.any(): raise ValueError("preprocess_mri: the volume has no slice with brain")
     mask = None if seg is None else binarise(resize_slices(zero_small(crop_square(seg), 1e-4), size), 0.4)[keep]
@@ -181,6 +184,11 @@ def _to_fov(a:np.ndarray) -> np.ndarray:
     return out[:, ::-1, ::-1]
 
 # %% ../nbs/06_phantom.ipynb #e23478b1
+def _match_planes(img, kept, want):
+    "Planes of `img` (kept where `kept`) at the planes `want` keeps (zeros where a plane has no brain in `img`)."
+    full = np.zeros((len(kept), *img.shape[1:]), np.float32); full[kept] = img
+    return full[want]
+
 def brain_subject(seed:int, # global seed
                   stream:str, # 'brain', 'brats' or 'atlas' (disjoint subjects)
                   index:int, # subject number within the stream
@@ -191,8 +199,10 @@ def brain_subject(seed:int, # global seed
                   deform:float=1.0, # anatomical variation (0: the template)
                   with_tissues:bool=False, # also return the preprocessed tissue fractions (for checks and plots)
                   with_healthy:bool=False, # also return each scan rendered without its lesions (same anatomy and noise)
+                  with_redraw:bool=False, # also return the healthy scan with a second, independent noise draw
+                  size:int=128, # in-plane side of the preprocessed slices
                  ) -> dict:
-    "{sequence: (images S×128×128, masks S×128×128 bool | None, kept plane indices)}; + 'tissues', 'healthy' if asked."
+    "{sequence: (images S×size×size, masks S×size×size bool | None, kept plane indices)}; + 'tissues', 'healthy', 'redraw' if asked."
     arng = _rng(seed, stream, index, 0)  # anatomy and lesions: shared by the subject's sequences
     subj = BrainSubject(arng, deform)
     zs = np.arange(int(arng.integers(step)), Z_MAX, step)
@@ -210,14 +220,19 @@ def brain_subject(seed:int, # global seed
     out, keep0 = {}, None
     for seq in sequences:
         srng = lambda: _rng(seed, stream, index, 1 + SEQUENCES.index(_check_sequence(seq)))  # the scan's stream
-        img, seg, keep = preprocess_mri(_to_fov(render_mri(tissues, seq, srng(), layers) * gain),
-                                        None if lab is None else _to_fov(lab), zero_below)
+        raw = _to_fov(render_mri(tissues, seq, srng(), layers) * gain)
+        img, seg, keep = preprocess_mri(raw, None if lab is None else _to_fov(lab), zero_below, size)
         out[seq], keep0 = (img, seg, zs[keep]), keep
-        if with_healthy:
-            out.setdefault('healthy', {})[seq] = preprocess_mri(_to_fov(render_mri(tissues, seq, srng()) * gain),
-                                                                None, zero_below)[0]
+        if with_healthy or with_redraw:  # the scan without lesions, on the lesioned scan's intensity scale
+            scale = resize_slices(zero_small(crop_square(raw), zero_below), size).max()
+            def healthy(**kw):
+                h, _, k = preprocess_mri(_to_fov(render_mri(tissues, seq, srng(), **kw) * gain), None, zero_below, size, scale)
+                return _match_planes(h, k, keep)
+            if with_healthy: out.setdefault('healthy', {})[seq] = healthy()
+            if with_redraw:  # the same healthy scan with new noise (another stream of this scan): a restoration's noise floor
+                out.setdefault('redraw', {})[seq] = healthy(noise_rng=_rng(seed, stream, index, 101 + SEQUENCES.index(seq)))
     if with_tissues:
-        out['tissues'] = {k: resize_slices(_to_fov(v.astype(np.float32)))[keep0] for k, v in tissues.items()}
+        out['tissues'] = {k: resize_slices(_to_fov(v.astype(np.float32)), size)[keep0] for k, v in tissues.items()}
     return out
 
 # %% ../nbs/06_phantom.ipynb #e022c99a
@@ -399,7 +414,7 @@ def preprocess_fundus(photo:np.ndarray, # H×W×3 uint8 photograph
 
 # %% ../nbs/06_phantom.ipynb #cbde0d79
 DR_TYPES = ('MA', 'HE', 'EX', 'SE')  # microaneurysms, haemorrhages, hard exudates, soft exudates (DDR's four masks)
-_NN = RF_WORK // 128  # nearest-neighbour resampling to 128² keeps the source pixels k·_NN + _NN//2
+_NN = RF_WORK // 128  # nearest-neighbour resampling to 128² keeps the source pixels k·_NN + _NN//2 (other sizes: RF_WORK // size)
 
 def _blob(img, mask, rng, yx, radius, ratio=1.0, rough=0.0, edge=1.0, colour=None, darken=None, alpha=1.0):
     "Paint an irregular ellipse (soft edge) at `yx` on `img` — towards `colour`, or multiplied by `darken` — and mark `mask`."
@@ -432,13 +447,16 @@ def _lesion_site(rng, geo, fov, min_disc=50.0):
 def dr_lesions(img:np.ndarray, # H×W×3 float32 warped photograph, painted in place
                fov:np.ndarray, # H×W bool field of view
                geo:dict, # disc, center, radius (from `FundusView.geometry`)
-               rng:np.random.Generator) -> dict:
+               rng:np.random.Generator,
+               size:int=128, # the side the image will be resampled to (microaneurysms sit on its kept pixels)
+              ) -> dict:
     "Paint DR-like lesions on `img`; return the full-resolution mask of each type in `DR_TYPES`."
+    nn = RF_WORK // size
     m = {t: np.zeros(fov.shape, bool) for t in DR_TYPES}
     red = lambda f: np.array(f) * rng.uniform(0.9, 1.1)
     for _ in range(1 + rng.poisson(4)):
         p = _lesion_site(rng, geo, fov)
-        p = np.round((p - _NN // 2) / _NN) * _NN + _NN // 2 + rng.uniform(-1, 1, 2)  # within 1 px of a kept pixel
+        p = np.round((p - nn // 2) / nn) * nn + nn // 2 + rng.uniform(-1, 1, 2)  # within 1 px of a kept pixel
         _blob(img, m['MA'], rng, p, rng.uniform(1.6, 3.9), edge=0.7, darken=red([0.8, 0.5, 0.5]))
     for _ in range(rng.poisson(2.5)):
         flame = rng.random() < 0.3
@@ -461,16 +479,24 @@ def fundus_image(seed:int, # global seed
                  stream:str, # 'fundus' (training) or 'ddr' (test)
                  index, # image number (an int or a tuple of ints) within the stream
                  lesions:bool=False, # paint DR lesions
+                 size:int=128, # side of the preprocessed image
+                 with_healthy:bool=False, # also return the same photograph without lesions, and with a new noise draw
                 ):
-    "One phantom fundus photograph preprocessed as DDR: (3×128×128 float32, 128×128 bool mask, {type: 128² mask})."
+    "One phantom fundus photograph preprocessed as DDR: (3×size² float32, size² bool mask, {type: mask}[, references])."
     rng = _rng(seed, stream, *np.atleast_1d(index))
     view = FundusView(rng)
     img, fov, geo = view.geometry()
-    full = dr_lesions(img, fov, geo, rng) if lesions else {}
+    clean = img.copy() if with_healthy else None
+    full = dr_lesions(img, fov, geo, rng, size) if lesions else {}
+    camera = copy.deepcopy(rng) if with_healthy else None  # the camera noise the photograph gets
     photo = view.photograph(img, fov, rng)
     full['any'] = np.logical_or.reduce([*full.values(), np.zeros(fov.shape, bool)])
-    x, m = preprocess_fundus(photo, full)
-    return x, m.pop('any'), m
+    x, m = preprocess_fundus(photo, full, size)
+    if not with_healthy: return x, m.pop('any'), m
+    redraw = np.random.default_rng([_check_int(seed, 'seed'), STREAMS[stream], *map(int, np.atleast_1d(index)), 101])
+    refs = dict(healthy=preprocess_fundus(view.photograph(clean, fov, camera), None, size)[0],
+                redraw=preprocess_fundus(view.photograph(clean, fov, redraw), None, size)[0])
+    return x, m.pop('any'), m, refs
 
 # %% ../nbs/06_phantom.ipynb #ba32e9d3
 def phantom_cache_dir(cache_dir=None) -> Path|None:
@@ -529,31 +555,49 @@ def _train_split(ss:SliceSet, split:str, name:str) -> SliceSet:
     if 'volumes' in out.meta: out.meta['volumes'] = list(dict.fromkeys(i.split('/')[0] for i in out.ids))
     return out
 
-def _mri_sets(kind, seed, n_subjects, slice_step, sequences, lesion, zero_below, progress):
-    "Build the phantom MRI sets of `kind` for all `sequences`: {sequence: SliceSet}."
-    imgs, masks, ids = {s: [] for s in sequences}, {s: [] for s in sequences}, {s: [] for s in sequences}
+def noise_floor(healthy:np.ndarray, # N×C×H×W healthy references
+                redraw:np.ndarray, # the same slices with an independent noise draw
+               ) -> float:
+    "Mean |x − x′| over the foreground ((x > 0) in any channel): what a perfect restoration still differs by."
+    fg = np.broadcast_to((healthy > 0).any(1, keepdims=True), healthy.shape)
+    return float(np.abs(healthy.astype(np.float64) - redraw)[fg].mean()) if fg.any() else 0.0
+
+def _mri_sets(kind, seed, n_subjects, slice_step, sequences, lesion, zero_below, progress, size=128):
+    "Build the phantom MRI sets of `kind` for all `sequences`: {sequence: SliceSet} (test sets with healthy references)."
+    imgs, masks, ids, hs, rs = ({s: [] for s in sequences} for _ in range(5))
+    refs = lesion is not None
     for i in tqdm(range(n_subjects), desc=f"phantom {kind}", disable=not progress, leave=False):
-        out = brain_subject(seed, kind, i, slice_step, sequences, lesion, zero_below)
+        out = brain_subject(seed, kind, i, slice_step, sequences, lesion, zero_below, with_healthy=refs, with_redraw=refs, size=size)
         for s in sequences:
             img, m, zs = out[s]
             imgs[s].append(img); masks[s].append(m)
+            if refs: hs[s].append(out['healthy'][s]); rs[s].append(out['redraw'][s])
             ids[s] += [f"{_PREFIX[kind]}{i:03d}/z{z:03d}" for z in zs]
     name = lambda s: 'phantom-atlas' if kind == 'atlas' else f"phantom-{kind}-{s}"
-    return {s: SliceSet(np.concatenate(imgs[s])[:, None], ids[s], 'MRI',
-                        None if lesion is None else np.concatenate(masks[s])[:, None], name(s),
-                        dict(source='condiff.phantom', dataset=kind, sequence=s, seed=seed, n_subjects=n_subjects,
-                             slice_step=slice_step, volumes=[f"{_PREFIX[kind]}{i:03d}" for i in range(n_subjects)],
-                             version=PHANTOM_VERSION))
-            for s in sequences}
+    def one(s):
+        h = np.concatenate(hs[s])[:, None] if refs else None
+        meta = dict(source='condiff.phantom', dataset=kind, sequence=s, seed=seed, n_subjects=n_subjects, slice_step=slice_step,
+                    volumes=[f"{_PREFIX[kind]}{i:03d}" for i in range(n_subjects)], size=size, version=PHANTOM_VERSION)
+        if refs: meta['noise_floor'] = noise_floor(h, np.concatenate(rs[s])[:, None])
+        return SliceSet(np.concatenate(imgs[s])[:, None], ids[s], 'MRI', np.concatenate(masks[s])[:, None] if refs else None,
+                        name(s), meta, h)
+    return {s: one(s) for s in sequences}
 
-def _mri_key(kind, seq, seed, n_subjects, slice_step):
+def _size_key(size): return {} if size == 128 else dict(size=size)  # 128² keys as before
+
+def _mri_key(kind, seq, seed, n_subjects, slice_step, size=128):
     return dict(dataset=f"phantom-{kind}", sequence=seq, seed=seed, n_subjects=n_subjects, slice_step=slice_step,
-                version=PHANTOM_VERSION)
+                version=PHANTOM_VERSION, **_size_key(size))
 
-def _mri_args(kind, seed, n_subjects, slice_step):
+def _check_size(size):
+    size = _check_int(size, 'size', 32, 512)
+    if size % 16: raise ValueError(f"size must be a multiple of 16 (the UNets need sides divisible by 8), got {size}")
+    return size
+
+def _mri_args(kind, seed, n_subjects, slice_step, size=128):
     d = DEFAULTS[kind]
     return (_check_int(seed, 'seed'), _check_int(d['n_subjects'] if n_subjects is None else n_subjects, 'n_subjects', 1),
-            _check_int(d['slice_step'] if slice_step is None else slice_step, 'slice_step', 1, Z_MAX))
+            _check_int(d['slice_step'] if slice_step is None else slice_step, 'slice_step', 1, Z_MAX), _check_size(size))
 
 def phantom_brain(split:str, # 'train' or 'val' (95/5 of the slices, in order)
                   sequence:str, # 't1' or 't2'
@@ -562,67 +606,72 @@ def phantom_brain(split:str, # 'train' or 'val' (95/5 of the slices, in order)
                   n_subjects:int|None=None, # number of healthy subjects (default 24)
                   slice_step:int|None=None, # keep every `slice_step`-th axial plane (default 5)
                   progress:bool=True, # show a progress bar while building
+                  size:int=128, # slice side (the benchmark's 128; the CPU default renders at 64)
                  ) -> SliceSet:
-    "Healthy brain MRI for training (CamCAN-like): T1- or T2-like 1×128×128 slices in [0, 1], background 0."
+    "Healthy brain MRI for training (CamCAN-like): T1- or T2-like 1×size×size slices in [0, 1], background 0."
     seq = _check_sequence(sequence)
     if split not in ('train', 'val'): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    seed, n, step = _mri_args('brain', seed, n_subjects, slice_step)
-    keys = {s: _mri_key('brain', s, seed, n, step) for s in SEQUENCES}
-    full = _cached(keys, seq, lambda: _mri_sets('brain', seed, n, step, SEQUENCES, None, 1e-4, progress), cache_dir)
+    seed, n, step, size = _mri_args('brain', seed, n_subjects, slice_step, size)
+    keys = {s: _mri_key('brain', s, seed, n, step, size) for s in SEQUENCES}
+    full = _cached(keys, seq, lambda: _mri_sets('brain', seed, n, step, SEQUENCES, None, 1e-4, progress, size), cache_dir)
     return _train_split(full, split, f"phantom-brain-{seq}")
 
 def phantom_brats(sequence:str, # 't1' or 't2' (the same tumours in both)
                   seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of tumour subjects (default 16)
                   slice_step:int|None=None, # keep every `slice_step`-th axial plane (default 30)
-                  progress:bool=True) -> SliceSet:
-    "BraTS-like test set: subjects with a glioma-like tumour (whole-tumour masks), T1 or T2."
+                  progress:bool=True, size:int=128) -> SliceSet:
+    "BraTS-like test set: subjects with a glioma-like tumour (whole-tumour masks, healthy references), T1 or T2."
     seq = _check_sequence(sequence)
-    seed, n, step = _mri_args('brats', seed, n_subjects, slice_step)
-    keys = {s: _mri_key('brats', s, seed, n, step) for s in SEQUENCES}
-    return _cached(keys, seq, lambda: _mri_sets('brats', seed, n, step, SEQUENCES, 'tumour', 1e-4, progress), cache_dir)
+    seed, n, step, size = _mri_args('brats', seed, n_subjects, slice_step, size)
+    keys = {s: _mri_key('brats', s, seed, n, step, size) for s in SEQUENCES}
+    return _cached(keys, seq, lambda: _mri_sets('brats', seed, n, step, SEQUENCES, 'tumour', 1e-4, progress, size), cache_dir)
 
 def phantom_atlas(seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of stroke subjects (default 24)
                   slice_step:int|None=None, # keep every `slice_step`-th axial plane (default 45)
-                  progress:bool=True) -> SliceSet:
+                  progress:bool=True, size:int=128) -> SliceSet:
     "ATLAS-like test set: T1 subjects with small hypo-intense stroke lesions (about 30% of slices affected)."
-    seed, n, step = _mri_args('atlas', seed, n_subjects, slice_step)
-    keys = {'t1': _mri_key('atlas', 't1', seed, n, step)}
-    return _cached(keys, 't1', lambda: _mri_sets('atlas', seed, n, step, ('t1',), 'stroke', 0.1, progress), cache_dir)
+    seed, n, step, size = _mri_args('atlas', seed, n_subjects, slice_step, size)
+    keys = {'t1': _mri_key('atlas', 't1', seed, n, step, size)}
+    return _cached(keys, 't1', lambda: _mri_sets('atlas', seed, n, step, ('t1',), 'stroke', 0.1, progress, size), cache_dir)
 
-def _fundus_set(name, seed, specs, progress):
-    "Build a fundus SliceSet from (id, stream, index, lesions) specs."
-    xs, ms = [], []
+def _fundus_set(name, seed, specs, progress, size=128):
+    "Build a fundus SliceSet from (id, stream, index, lesions) specs (a test set gets healthy references)."
+    refs = any(s[3] for s in specs)
+    xs, ms, hs, rs = [], [], [], []
     for _, stream, index, les in tqdm(specs, desc=name, disable=not progress, leave=False):
-        x, m, _ = fundus_image(seed, stream, index, les)
+        x, m, _, *r = fundus_image(seed, stream, index, les, size, with_healthy=refs)
         xs.append(x); ms.append(m)
-    return SliceSet(np.stack(xs), [s[0] for s in specs], 'RF', np.stack(ms)[:, None] if any(s[3] for s in specs) else None,
-                    name, dict(source='condiff.phantom', dataset=name, seed=seed, n_images=len(specs), version=PHANTOM_VERSION))
+        if refs: hs.append(r[0]['healthy']); rs.append(r[0]['redraw'])
+    meta = dict(source='condiff.phantom', dataset=name, seed=seed, n_images=len(specs), size=size, version=PHANTOM_VERSION)
+    if refs: meta['noise_floor'] = noise_floor(np.stack(hs), np.stack(rs))
+    return SliceSet(np.stack(xs), [s[0] for s in specs], 'RF', np.stack(ms)[:, None] if refs else None, name, meta,
+                    np.stack(hs) if refs else None)
 
 def phantom_fundus(split:str, # 'train' or 'val' (95/5 of the images, in order)
                    seed:int=0, cache_dir=None, # as `phantom_brain`
                    n_images:int|None=None, # number of healthy images (default 320)
-                   progress:bool=True) -> SliceSet:
-    "Healthy fundus photographs for training (DDR-like): RGB 3×128×128 in [0, 1]."
+                   progress:bool=True, size:int=128) -> SliceSet:
+    "Healthy fundus photographs for training (DDR-like): RGB 3×size×size in [0, 1]."
     if split not in ('train', 'val'): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    seed = _check_int(seed, 'seed')
+    seed, size = _check_int(seed, 'seed'), _check_size(size)
     n = _check_int(DEFAULTS['fundus']['n_images'] if n_images is None else n_images, 'n_images', 2)
-    key = dict(dataset='phantom-fundus', seed=seed, n_images=n, version=PHANTOM_VERSION)
+    key = dict(dataset='phantom-fundus', seed=seed, n_images=n, version=PHANTOM_VERSION, **_size_key(size))
     specs = [(f"fundus/{i:04d}", 'fundus', i, False) for i in range(n)]
-    full = _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-fundus', seed, specs, progress)}, cache_dir)
+    full = _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-fundus', seed, specs, progress, size)}, cache_dir)
     return _train_split(full, split, 'phantom-fundus')
 
 def phantom_ddr(seed:int=0, cache_dir=None, # as `phantom_brain`
                 n_images:int|None=None, # number of test images (default 80): the first half healthy, then lesioned
-                progress:bool=True) -> SliceSet:
+                progress:bool=True, size:int=128) -> SliceSet:
     "DDR-like test set: healthy fundus photographs, then photographs with microaneurysms, haemorrhages and exudates."
-    seed = _check_int(seed, 'seed')
+    seed, size = _check_int(seed, 'seed'), _check_size(size)
     n = _check_int(DEFAULTS['ddr']['n_images'] if n_images is None else n_images, 'n_images', 2)
-    key = dict(dataset='phantom-ddr', seed=seed, n_images=n, version=PHANTOM_VERSION)
+    key = dict(dataset='phantom-ddr', seed=seed, n_images=n, version=PHANTOM_VERSION, **_size_key(size))
     specs = ([(f"healthy/{i:04d}", 'ddr', (0, i), False) for i in range(n // 2)] +
              [(f"unhealthy/{i:04d}", 'ddr', (1, i), True) for i in range(n - n // 2)])
-    return _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-ddr', seed, specs, progress)}, cache_dir)
+    return _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-ddr', seed, specs, progress, size)}, cache_dir)
 
 # %% ../nbs/06_phantom.ipynb #3abf2372
 PAPER_RANDOM = {  # Table 1 of the paper, row "Random": (AP_i = anomalous fraction, AP_p = random pixel AP)

@@ -15,16 +15,17 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, Sampler
 from safetensors.torch import save as _st_save, load as _st_load
 from tqdm.auto import tqdm
-from .ddpm import NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
-from .unet import UNET_PRESETS, build_unet
+from .ddpm import PREDICTION_TYPES, NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
+from .unet import UNET_PRESETS, build_unet, build_unet_from_config, normalize_unet_config
 from .tasks import FOLDS, CLIP_MODES, RestorationTask, fold_tasks
 from .data import get_dataset, load_sliceset, to_model_space
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch_permutation', 'StreamSampler', 'make_loader',
-           'ema_decay', 'EMA', 'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'get_rng_state',
-           'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for', 'saved_config_diff', 'Trainer',
-           'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model', 'main']
+__all__ = ['TRAIN_PRESETS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch_permutation',
+           'StreamSampler', 'make_loader', 'ema_decay', 'EMA', 'MovingAverageEarlyStopper', 'save_checkpoint',
+           'resolve_checkpoint', 'get_rng_state', 'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for',
+           'init_from_weights', 'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses',
+           'load_model', 'main', 'base_kind', 'base_weights', 'build_base']
 
 # %% ../nbs/07_train.ipynb #0618a0ec
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
@@ -38,6 +39,7 @@ class TrainConfig:
     dataset: str = 'camcan'  # `condiff.data.get_dataset` name (train and val splits); a label only if `train_data` is set
     sequence: str|None = 't2'  # MRI sequence 't1'|'t2'; None for fundus (RF)
     fold: int = 0  # 0..9: train on the tasks `condiff.tasks.FOLDS[fold]`, validate on the other two
+    train_tasks: tuple|None = None  # train on these task ids instead of the fold's three (a base model: all five); None: the fold's
     seed: int = 42  # one seed for the weights, the data order, the corruptions and the noise (official 42)
     data_seed: int = 0  # seed of the dataset itself (`get_dataset(seed=...)`: the phantoms; real data ignore it)
     data_root: str|None = None  # root of the real datasets (`get_dataset(root=...)`)
@@ -49,6 +51,9 @@ class TrainConfig:
     task_clip: str = 'column'  # range each anomaly is clipped to: 'column' (official, per column) or 'image' (see condiff.tasks)
     # -- model and diffusion
     unet: str = 'paper'  # `condiff.unet` preset: 'paper' | 'fast' | 'tiny'
+    prediction_type: str|None = None  # network output 'epsilon' (paper) | 'sample' (x0) | 'v_prediction'; None: the UNet preset's
+    image_size: int|None = None  # slice side the datasets are loaded at (`get_dataset(size=)`); None: theirs (128)
+    init_weights: str|None = None  # warm start: 'base' (the shipped base model), a .safetensors file or a run folder; None: random init
     noise_offset: float = 0.1  # offset-noise scale
     snr_gamma: float|None = 1.0  # Min-SNR γ; None = plain ε-MSE
     # -- optimisation
@@ -81,6 +86,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.adam_betas, list): self.adam_betas = tuple(self.adam_betas)
+        if isinstance(self.train_tasks, list): self.train_tasks = tuple(self.train_tasks)
         self.validate()
 
     def validate(self):
@@ -103,7 +109,7 @@ class TrainConfig:
             need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
         for k in ('preset', 'dataset', 'unet', 'device'):
             need(lambda: isinstance(g(k), str) and g(k) != '', k, f"{k} must be a non-empty string, got {g(k)!r}")
-        for k in ('data_root', 'cache_dir', 'train_data', 'val_data'):
+        for k in ('data_root', 'cache_dir', 'train_data', 'val_data', 'init_weights'):
             need(lambda: g(k) is None or isinstance(g(k), str), k, f"{k} must be a path string or None, got {g(k)!r}")
         for k, ok in _CHOICES.items():
             need(lambda: g(k) in ok, k, f"{k} must be one of {ok}, got {g(k)!r}")
@@ -127,7 +133,14 @@ class TrainConfig:
         need(lambda: self.grad_clip > 0, 'grad_clip', f"grad_clip must be > 0, got {self.grad_clip!r}")
         need(lambda: 0 <= self.ema_max_decay < 1, 'ema_max_decay', f"ema_max_decay must be in [0, 1), got {self.ema_max_decay!r}")
         need(lambda: 0 <= self.ma_alpha < 1, 'ma_alpha', f"ma_alpha must be in [0, 1), got {self.ma_alpha!r}")
+        need(lambda: self.train_tasks is None or (isinstance(self.train_tasks, tuple) and len(self.train_tasks) > 0
+             and all(isint(k) and 0 <= k < 5 for k in self.train_tasks) and len(set(self.train_tasks)) == len(self.train_tasks)),
+             'train_tasks', f"train_tasks must be None or distinct task ids in 0..4, got {self.train_tasks!r}")
         need(lambda: self.unet in UNET_PRESETS, 'unet', f"unet must be one of {sorted(UNET_PRESETS)}, got {self.unet!r}")
+        need(lambda: self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, 'prediction_type',
+             f"prediction_type must be None or one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        need(lambda: self.image_size is None or (isint(self.image_size) and self.image_size >= 16 and self.image_size % 8 == 0),
+             'image_size', f"image_size must be None or an int >= 16 divisible by 8, got {self.image_size!r}")
         def devok():
             try: torch.device('cuda' if self.device == 'auto' else self.device); return True
             except (RuntimeError, ValueError): return False
@@ -175,6 +188,10 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     'paper': {},
+    # the CPU default (`make demo`): chosen by measurement, `bench/quality.py`; every departure from paper is a named field
+    'cpu': dict(dataset='phantom-brain', sequence='t2', unet='cpu', image_size=64, snr_gamma=None, lr=3e-3, batch_size=32,
+                max_steps=2000, ema_max_decay=0.999, val_every=100, val_start=100, val_batch_size=32, val_max_samples=32,
+                patience=100_000, checkpoint_every=200, num_workers=0, log_every=25),
     'tiny': dict(dataset='phantom-brain', sequence='t2', unet='tiny', lr=2e-3, batch_size=8, max_steps=300,
                  val_every=50, val_start=50, val_batch_size=16, val_max_samples=32, patience=1000,
                  checkpoint_every=100, num_workers=0, log_every=25),
@@ -445,6 +462,31 @@ def run_dir_for(config:TrainConfig, out_dir='runs') -> Path:
     name = config.dataset + (f"-{config.sequence}" if config.sequence else '')
     return Path(out_dir if out_dir is not None else 'runs') / name / config.preset / f"fold{config.fold}"
 
+# %% ../nbs/07_train.ipynb #04dfdebd
+def init_from_weights(model, # the freshly built UNet to fill
+                      src, # a .safetensors weights file, or a run folder (its `best` EMA weights)
+                     ) -> str: # SHA-256 of the file read
+    "Load warm-start weights into `model` (strict; float16 files become float32); return the file's SHA-256."
+    import hashlib
+    _js = lambda x: json.loads(json.dumps(x))
+    p = Path(src)
+    if p.is_dir(): p = resolve_checkpoint(p, 'best') / 'ema.safetensors'
+    if not p.is_file(): raise FileNotFoundError(f"init_weights: no weights file at {src}")
+    data = p.read_bytes()
+    try:
+        from safetensors import safe_open
+        sd = _st_load(data)
+        with safe_open(str(p), 'pt') as f: meta = f.metadata() or {}
+    except Exception as e: raise ValueError(f"init_weights: {p} is not a readable safetensors file ({e})") from e
+    if 'model_config' in meta:
+        have, want = _js(normalize_unet_config(json.loads(meta['model_config']))), _js(model.config)
+        diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if k != 'preset' and have.get(k) != want.get(k)}
+        if diff: raise ValueError(f"init_weights: {p} holds a UNet that differs from this run's in {diff} (file, run)")
+    ref = model.state_dict()
+    try: model.load_state_dict({k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()})
+    except RuntimeError as e: raise ValueError(f"init_weights: {p} does not fit this UNet ({e})") from e
+    return hashlib.sha256(data).hexdigest()
+
 # %% ../nbs/07_train.ipynb #e3114b03
 _RUNTIME_KEYS = {'device', 'num_workers', 'max_steps', 'log_every', 'checkpoint_every', 'data_root', 'cache_dir',
                  'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32'}
@@ -520,6 +562,7 @@ class Trainer:
                              f"{tuple(self.val_set.images.shape[1:])} {self.val_set.modality}")
         self.sched = NoiseSchedule()
         train_ids, val_ids = fold_tasks(cfg.fold)
+        if cfg.train_tasks is not None: train_ids = tuple(cfg.train_tasks)
         has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
         self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
                                     self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
@@ -532,7 +575,10 @@ class Trainer:
         self._val_cache = None
         # model, EMA, optimizer (same initial weights on every rank)
         torch.manual_seed(cfg.seed)
-        self.model = build_unet(cfg.unet, self.img_channels).to(self.device)
+        self.model = build_unet(cfg.unet, self.img_channels, **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
+        init = base_weights(base_kind(self.modality)) if cfg.init_weights == 'base' else cfg.init_weights
+        self.init_digest = init_from_weights(self.model, init) if init else None
+        self.model = self.model.to(self.device)
         if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, cfg.ema_max_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
@@ -562,7 +608,8 @@ class Trainer:
         cfg = self.config
         def one(path, split):
             if path is not None: return load_sliceset(path)
-            return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
+            return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir,
+                               **({} if cfg.image_size is None else dict(size=cfg.image_size)))
         tr, va = one(cfg.train_data, 'train'), one(cfg.val_data, 'val')
         for ss, what in ((tr, 'training'), (va, 'validation')):
             if len(ss) == 0: raise ValueError(f"the {what} set {ss.name!r} is empty")
@@ -606,7 +653,8 @@ class Trainer:
         "One optimisation step on `batch` (this rank's share); returns the (detached) loss."
         cfg = self.config
         x0, cond, noise, t = self._to_device(batch)
-        loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma)
+        loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
+                              prediction_type=self.model.config['prediction_type'])
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
@@ -633,7 +681,8 @@ class Trainer:
         try:
             for batch in batches:
                 x0, cond, noise, t = self._to_device(batch)
-                per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none')
+                per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
+                                     prediction_type=self.model.config['prediction_type'])
                 tot[0] += per.double().sum(); tot[1] += per.numel()
         finally:
             for p, b in zip(self.model.parameters(), backup): p.copy_(b)
@@ -707,7 +756,8 @@ class Trainer:
         dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
         info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
                     best_step=self.stopper.best_step, best_val_loss_ma=self.stopper.best if math.isfinite(self.stopper.best) else None,
-                    weights_sha256=getattr(self, '_digests', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
+                    weights_sha256=getattr(self, '_digests', None), init_weights=self.config.init_weights,
+                    init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
                     git_commit=_git_commit(), versions=dict(condiff=condiff.__version__, torch=torch.__version__, numpy=np.__version__,
                     python=platform.python_version()), platform=platform.platform(), updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
         _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
@@ -819,6 +869,7 @@ def weights_digest(state_dict:dict) -> str:
 def _check_compatible(meta:dict, model, ck):
     "Raise a ValueError if checkpoint `ck` (its `meta`) was not saved from a UNet built like `model`."
     have, want = meta.get('model_config'), _jsonable(model.config)
+    if have is not None: have = _jsonable(normalize_unet_config(have))  # fields added later take their old meaning
     if have != want:
         diff = sorted(k for k in set(have or {}) | set(want) if (have or {}).get(k) != want.get(k))
         raise ValueError(f"incompatible checkpoint {ck}: it holds a UNet with {{{', '.join(f'{k}={(have or {}).get(k)!r}' for k in diff)}}} "
@@ -867,7 +918,7 @@ def load_model(run_dir, # a run folder written by `train`
     cfg = TrainConfig.from_json(run_dir / 'config.json')
     ck = resolve_checkpoint(run_dir, which)
     meta = json.loads((ck / 'meta.json').read_text())
-    model = build_unet(cfg.unet, meta['img_channels'])
+    model = (build_unet_from_config(meta['model_config']) if meta.get('model_config') else build_unet(cfg.unet, meta['img_channels']))
     _check_compatible(meta, model, ck)
     try:
         sd = _st_load((ck / 'model.safetensors').read_bytes())
@@ -912,3 +963,73 @@ def _in_ipython() -> bool:
     return ip is not None and ip.get_ipython() is not None
 
 if __name__ == '__main__' and not _in_ipython(): main()
+
+# %% ../nbs/07_train.ipynb #63321c06
+WEIGHTS_DIR = Path(__file__).parent / 'weights' if '__file__' in globals() else Path('../condiff/weights')  # shipped base models
+BASE_KINDS = {'mri': dict(modality='MRI', channels=1, sets=(('phantom-brain', 't1'), ('phantom-brain', 't2'))),
+              'rf': dict(modality='RF', channels=3, sets=(('phantom-fundus', None),))}
+
+def base_kind(modality:str) -> str:
+    "The shipped base model for data of `modality` ('MRI' → 'mri', 'RF' → 'rf')."
+    for k, v in BASE_KINDS.items():
+        if v['modality'] == modality: return k
+    raise ValueError(f"no base model for modality {modality!r}")
+
+def base_weights(kind:str, # 'mri' or 'rf'
+                 weights_dir=None, # where the weights live (default: the package's `weights/`)
+                ) -> Path:
+    "The shipped base model's weights file, after checking it against its manifest's SHA-256."
+    import hashlib
+    if kind not in BASE_KINDS: raise ValueError(f"base model kind must be one of {sorted(BASE_KINDS)}, got {kind!r}")
+    d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    w, m = d / f"base-{kind}.safetensors", d / f"base-{kind}.json"
+    if not w.is_file() or not m.is_file():
+        raise FileNotFoundError(f"no shipped base model {kind!r} in {d} (make one with `condiff pretrain {kind}`)")
+    man = json.loads(m.read_text())
+    got = hashlib.sha256(w.read_bytes()).hexdigest()
+    if got != man.get('sha256'): raise ValueError(f"{w}: checksum mismatch (file {got[:12]}…, manifest {str(man.get('sha256'))[:12]}…): corrupt or replaced")
+    return w
+
+# %% ../nbs/07_train.ipynb #ecb2b64b
+def _base_sets(kind, seed, cache_dir, size, out):
+    "The base model's train/val sets (all of `kind`'s training sets, stacked) written to `out` as .npz."
+    from condiff.data import SliceSet, save_sliceset
+    paths = {}
+    for split in ('train', 'val'):
+        parts = [get_dataset(n, split, sequence=s, seed=seed, cache_dir=cache_dir, size=size) for n, s in BASE_KINDS[kind]['sets']]
+        ss = SliceSet(np.concatenate([p.images for p in parts]), [f"{p.name}/{i}" for p in parts for i in p.ids], parts[0].modality,
+                      name=f"base-{kind}-{split}", meta=dict(parts=[p.name for p in parts]))
+        paths[split] = save_sliceset(ss, Path(out) / f"base-{kind}-{split}.npz")
+    return paths
+
+def build_base(kind:str, # 'mri' or 'rf'
+               max_steps:int=3000, # training steps
+               runs='runs', # root of the run folder (`runs/base-<kind>/cpu/fold0`)
+               weights_dir=None, # where to write the float16 weights and manifest (default: the package's `weights/`)
+               data_seed:int=0, # seed of the phantom data
+               progress:bool=True, # progress bar
+               **overrides, # other TrainConfig fields
+              ) -> Path: # the weights file
+    "Train a base model of `kind` on all five tasks with the `cpu` preset, then write its EMA weights (float16) and manifest."
+    import hashlib
+    if kind not in BASE_KINDS: raise ValueError(f"base model kind must be one of {sorted(BASE_KINDS)}, got {kind!r}")
+    runs = Path(runs)
+    data = _base_sets(kind, data_seed, None, TRAIN_PRESETS['cpu']['image_size'], runs / f"base-{kind}" / 'data')
+    cfg = TrainConfig.from_preset('cpu', dataset=f"base-{kind}", sequence=None, train_tasks=(0, 1, 2, 3, 4), max_steps=max_steps,
+                                  train_data=str(data['train']), val_data=str(data['val']), data_seed=data_seed, **overrides)
+    t0 = time.process_time()
+    run = train(cfg, runs, progress=progress)
+    model, _ = load_model(run, 'latest')
+    sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    blob = _st_save(sd, metadata={'model_config': json.dumps(_jsonable(model.config)), 'kind': kind})
+    d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    w = d / f"base-{kind}.safetensors"
+    _atomic_bytes(w, blob)
+    info = json.loads((run / 'run.json').read_text())
+    man = dict(kind=kind, file=w.name, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), dtype='float16',
+               command=f"condiff pretrain {kind} --max-steps {max_steps}", git_commit=info.get('git_commit'), steps=info.get('step'),
+               wall_s=info.get('wall_s'), process_cpu_s=round(time.process_time() - t0, 1), machine=dict(platform=platform.platform(),
+               processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
+               versions=info.get('versions'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    _atomic_bytes(d / f"base-{kind}.json", json.dumps(man, indent=1).encode())
+    return w

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from einops import rearrange
+from .ddpm import check_prediction_type
 
 # %% auto #0
-__all__ = ['UNET_PRESETS', 'timestep_embedding', 'TimestepEmbedding', 'ResnetBlock', 'Attention', 'Downsample', 'Upsample',
-           'DownBlock', 'MidBlock', 'UpBlock', 'ConditionalUNet', 'build_unet', 'build_unet_from_config',
-           'parameter_counts', 'architecture_table', 'unet_flops', 'diffusers_to_condiff', 'condiff_to_diffusers',
-           'load_diffusers_state_dict', 'diffusers_config']
+__all__ = ['UNET_PRESETS', 'UNET_FIELD_DEFAULTS', 'timestep_embedding', 'TimestepEmbedding', 'ResnetBlock', 'Attention',
+           'Downsample', 'Upsample', 'DownBlock', 'MidBlock', 'UpBlock', 'normalize_unet_config', 'ConditionalUNet',
+           'build_unet', 'build_unet_from_config', 'parameter_counts', 'architecture_table', 'unet_flops',
+           'diffusers_to_condiff', 'condiff_to_diffusers', 'load_diffusers_state_dict', 'diffusers_config']
 
 # %% ../nbs/01_unet.ipynb #41cf4fed
 def timestep_embedding(t,  # timesteps, shape [B] (integers or reals)
@@ -154,15 +155,20 @@ UNET_PRESETS = {
     'paper': dict(block_out_channels=(128, 256, 256, 512), layers_per_block=2,
                   down_attention=(False, True, True, True), up_attention=(False, True, True, True),
                   mid_attention=True, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-                  time_embed_dim=512, flip_sin_to_cos=True, freq_shift=0, dropout=0.0),
+                  time_embed_dim=512, flip_sin_to_cos=True, freq_shift=0, dropout=0.0, prediction_type='epsilon', cond_skip=False),
     'fast': dict(block_out_channels=(128, 256, 256, 512), layers_per_block=2,
                  down_attention=(False, False, True, True), up_attention=(True, True, False, False),
                  mid_attention=True, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-                 time_embed_dim=512, flip_sin_to_cos=True, freq_shift=0, dropout=0.0),
+                 time_embed_dim=512, flip_sin_to_cos=True, freq_shift=0, dropout=0.0, prediction_type='epsilon', cond_skip=False),
     'tiny': dict(block_out_channels=(8, 8, 16, 32), layers_per_block=1,
                  down_attention=(False, False, False, True), up_attention=(True, False, False, False),
                  mid_attention=True, attention_head_dim=16, norm_num_groups=8, norm_eps=1e-5,
-                 time_embed_dim=64, flip_sin_to_cos=True, freq_shift=0, dropout=0.0),
+                 time_embed_dim=64, flip_sin_to_cos=True, freq_shift=0, dropout=0.0, prediction_type='epsilon', cond_skip=False),
+    # the CPU default: no attention but the 8² mid block, x0 = cond + f (`cond_skip`); chosen by measurement (bench/quality.py)
+    'cpu': dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+                down_attention=(False, False, False, False), up_attention=(False, False, False, False),
+                mid_attention=True, attention_head_dim=32, norm_num_groups=8, norm_eps=1e-5,
+                time_embed_dim=64, flip_sin_to_cos=True, freq_shift=0, dropout=0.0, prediction_type='sample', cond_skip=True),
 }
 
 
@@ -183,9 +189,17 @@ def _check_arch(a:dict):
     if w[0] % 2: raise ValueError(f"block_out_channels[0]={w[0]} is also the timestep-embedding size and must be even")
     if not 0 <= a['dropout'] < 1: raise ValueError(f"dropout must be in [0, 1), got {a['dropout']}")
 
+# fields added after the first release: a saved config without them means their old behaviour
+UNET_FIELD_DEFAULTS = dict(prediction_type='epsilon', cond_skip=False)
+
+def normalize_unet_config(config:dict) -> dict:
+    "`config` with every later-added field present (missing ones take their old meaning, `UNET_FIELD_DEFAULTS`)."
+    return {**UNET_FIELD_DEFAULTS, **config}
+
+
 # %% ../nbs/01_unet.ipynb #45d1af33
 class ConditionalUNet(nn.Module):
-    "ε-prediction UNet conditioned by channel concatenation: `forward(x_t, t, cond)` sees `cat([x_t, cond], 1)`."
+    "Denoising UNet (ε-prediction in paper mode) conditioned by channel concatenation: `forward(x_t, t, cond)` sees `cat([x_t, cond], 1)`."
     def __init__(self,
                  img_channels:int=1,  # C: channels of x_t, of cond and of ε̂ (1 for MRI, 3 for RF); the network sees 2C
                  block_out_channels:tuple=(128, 256, 256, 512),  # width of each level, shallow to deep; level i works at H/2^i
@@ -200,6 +214,8 @@ class ConditionalUNet(nn.Module):
                  flip_sin_to_cos:bool=True,  # embedding order [cos, sin] (the official setting) or [sin, cos]
                  freq_shift:float=0,  # diffusers' downscale_freq_shift of the sinusoidal frequencies
                  dropout:float=0.0,  # dropout inside the resnets (0 in the paper)
+                 prediction_type:str='epsilon',  # what the output means: 'epsilon' (paper), 'sample' (x0) or 'v_prediction'
+                 cond_skip:bool=False,  # add cond to the output: the network predicts x0 − cond (needs prediction_type 'sample')
                  preset:str='custom',  # name recorded in `config`
                 ):
         super().__init__()
@@ -210,7 +226,10 @@ class ConditionalUNet(nn.Module):
                     norm_eps=norm_eps, time_embed_dim=time_embed_dim or 4 * int(block_out_channels[0]),
                     flip_sin_to_cos=bool(flip_sin_to_cos), freq_shift=freq_shift, dropout=dropout)
         _check_arch(arch)
-        self.config = dict(preset=preset, img_channels=img_channels, **arch)
+        if cond_skip and prediction_type != 'sample':
+            raise ValueError(f"cond_skip=True needs prediction_type='sample' (the output is x0 = cond + f), got {prediction_type!r}")
+        self.config = dict(preset=preset, img_channels=img_channels, **arch, prediction_type=check_prediction_type(prediction_type),
+                           cond_skip=bool(cond_skip))
         w, n, temb, L = arch['block_out_channels'], layers_per_block, arch['time_embed_dim'], len(arch['block_out_channels'])
         kw = dict(head_dim=attention_head_dim, groups=norm_num_groups, eps=norm_eps, dropout=dropout)
         self.conv_in = nn.Conv2d(2 * img_channels, w[0], 3, padding=1)
@@ -265,7 +284,8 @@ class ConditionalUNet(nn.Module):
                       ):
         "ε̂ (B×C×H×W) for an already concatenated input, the call signature of diffusers' `UNet2DModel`."
         self._check_x(x, 'x', 2 * self.config['img_channels'])
-        return self._unet(x, self._timesteps(t, x))
+        out = self._unet(x, self._timesteps(t, x))
+        return out + x[:, self.config['img_channels']:] if self.config['cond_skip'] else out
 
     def forward(self,
                 x_t,  # B×C×H×W noisy image
@@ -276,7 +296,9 @@ class ConditionalUNet(nn.Module):
         self._check_x(x_t, 'x_t', self.config['img_channels'])
         if not torch.is_tensor(cond): raise ValueError(f"cond must be a torch tensor like x_t, got {type(cond).__name__}")
         if cond.shape != x_t.shape: raise ValueError(f"cond must have x_t's shape {tuple(x_t.shape)}, got {tuple(cond.shape)}")
-        return self._unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), self._timesteps(t, x_t))
+        cond = cond.to(x_t.dtype)
+        out = self._unet(torch.cat([x_t, cond], dim=1), self._timesteps(t, x_t))
+        return out + cond if self.config['cond_skip'] else out
 
 # %% ../nbs/01_unet.ipynb #70bf36fe
 def build_unet(preset:str='paper',  # one of UNET_PRESETS: 'paper', 'fast', 'tiny'
@@ -299,7 +321,7 @@ def build_unet_from_config(config:dict,  # a `model.config`, e.g. read back from
     known = set(UNET_PRESETS['paper'])
     bad = sorted(set(config) - known - {'img_channels'})
     if bad: raise ValueError(f"unknown field(s) {bad} in UNet config")
-    base = UNET_PRESETS.get(preset, {})
+    base = {**UNET_FIELD_DEFAULTS, **UNET_PRESETS.get(preset, {})}
     missing = sorted(known - set(config) - set(base))
     if missing: raise ValueError(f"UNet config (preset {preset!r}) lacks field(s) {missing}")
     return ConditionalUNet(preset=preset, **{**base, **config})
@@ -420,7 +442,8 @@ def load_diffusers_state_dict(model:ConditionalUNet,  # the condiff UNet to fill
 def diffusers_config(config:dict,  # a `model.config`
                     ) -> dict:
     "Keyword arguments of diffusers' `UNet2DModel` that build the same network as `config`."
-    c = config
+    c = normalize_unet_config(config)
+    if c['cond_skip']: raise ValueError("diffusers' UNet2DModel has no conditioning skip: a cond_skip=True network has no diffusers equivalent")
     return dict(in_channels=2 * c['img_channels'], out_channels=c['img_channels'],
                 block_out_channels=tuple(c['block_out_channels']), layers_per_block=c['layers_per_block'],
                 down_block_types=tuple('AttnDownBlock2D' if f else 'DownBlock2D' for f in c['down_attention']),

@@ -9,8 +9,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
 
-from condiff.ddpm import (DDIMSampler, DDPMSampler, NoiseSchedule, diffusion_loss, min_snr_weight, offset_noise,
-                          q_sample, restore, sample_timesteps)
+from condiff.ddpm import (PREDICTION_TYPES, DDIMSampler, DDPMSampler, NoiseSchedule, diffusion_loss, eps_from_prediction,
+                          min_snr_weight, offset_noise, prediction_target, q_sample, restore, sample_timesteps)
 
 SHAPE = (3, 2, 12, 12)
 
@@ -438,3 +438,58 @@ def test_bad_input_raises_clear_value_error(name):
     fn, msg = BAD[name]
     with pytest.raises(ValueError, match=msg):
         fn()
+
+
+# ----------------------------------------------------------------------------------------------- x0 and v objectives
+
+@pytest.mark.parametrize('pt', ['sample', 'v_prediction'])
+@pytest.mark.parametrize('kind', ['ddim', 'ddpm'])
+def test_other_prediction_types_equal_diffusers_schedulers(pt, kind):
+    """A network that outputs x0 or v, converted to ε for condiff's samplers, follows diffusers' scheduler of that
+    prediction_type step by step (same x_prev and x̂0)."""
+    ref = (DDIMScheduler if kind == 'ddim' else DDPMScheduler)(prediction_type=pt)
+    s = DDIMSampler() if kind == 'ddim' else DDPMSampler()
+    ref.set_timesteps(10); s.set_timesteps(10)
+    g = gen(21)
+    x0_target = torch.rand(SHAPE, generator=g) * 1.6 - 0.8
+    x_ref = x_ours = torch.randn(SHAPE, generator=g)
+    g_ref, g_ours = gen(6), gen(6)
+    for t in ref.timesteps:
+        tb = torch.full((SHAPE[0],), int(t))
+        noise = torch.randn(SHAPE, generator=g)
+        out = (x0_target + 0.05 * noise if pt == 'sample' else
+               prediction_target(s.schedule, x0_target, (x_ref - s.schedule.alphas_cumprod[t].sqrt() * x0_target)
+                                 / (1 - s.schedule.alphas_cumprod[t]).sqrt(), tb, pt) + 0.05 * noise)
+        r = ref.step(out, t, x_ref, generator=g_ref)
+        x_ours, x0 = s.step(eps_from_prediction(s.schedule, out, x_ours, tb, pt), int(t), x_ours, generator=g_ours, return_x0=True)
+        assert maxdiff(x_ours, r.prev_sample) <= 2e-5 and maxdiff(x0, r.pred_original_sample) <= 2e-5
+        x_ref = r.prev_sample
+
+
+def test_velocity_target_equals_diffusers_get_velocity():
+    ref, s, g = DDPMScheduler(), NoiseSchedule(), gen(8)
+    x0, noise = torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t = torch.tensor([0, 300, 999])
+    assert maxdiff(prediction_target(s, x0, noise, t, 'v_prediction'), ref.get_velocity(x0, noise, t)) <= 1e-6
+    assert torch.equal(prediction_target(s, x0, noise, t, 'sample'), x0)
+    assert torch.equal(prediction_target(s, x0, noise, t, 'epsilon'), noise)
+
+
+@pytest.mark.parametrize('pt', PREDICTION_TYPES)
+@pytest.mark.parametrize('gamma', [1.0, 5.0])
+def test_loss_of_each_objective_equals_diffusers_training_example(pt, gamma):
+    """diffusers' examples/text_to_image/train_text_to_image.py: target = noise | latents | get_velocity, Min-SNR weight
+    min(snr, γ) divided by snr (ε), by snr + 1 (v), or left as is (x0)."""
+    ref, s, g = DDPMScheduler(prediction_type=pt), NoiseSchedule(), gen(5)
+    x0 = torch.rand(6, 1, 16, 16, generator=g)
+    cond, noise = x0.flip(-1), offset_noise(x0, generator=g)
+    t = torch.tensor([0, 5, 100, 258, 600, 999])
+    noisy = ref.add_noise(x0, noise, t)
+    pred = _toy_model(noisy, t, cond)
+    target = {'epsilon': noise, 'sample': x0, 'v_prediction': ref.get_velocity(x0, noise, t)}[pt]
+    snr = compute_snr(ref, t)
+    w = torch.stack([snr, gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    w = {'epsilon': w / snr, 'sample': w, 'v_prediction': w / (snr + 1)}[pt]
+    loss = (F.mse_loss(pred.float(), target.float(), reduction='none').mean(dim=(1, 2, 3)) * w)
+    got = diffusion_loss(_toy_model, x0, cond, s, t, noise, snr_gamma=gamma, reduction='none', prediction_type=pt)
+    assert maxdiff(got, loss) <= 1e-6 * max(1.0, loss.abs().max().item())
