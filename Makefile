@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 # The main job on the embedded default (phantom datasets, tiny preset, CPU).
 demo: $(STAMP)
-	$(BIN)/condiff reproduce --preset tiny --device cpu
+	$(BIN)/condiff reproduce --preset cpu --device cpu
 
 # Every check, in order: notebooks and library in sync and clean, notebooks run as tests, pytest.
 test: $(STAMP) sync nbtest pytest

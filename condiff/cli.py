@@ -51,13 +51,22 @@ RUN_DEFAULTS = {
     'paper': dict(max_steps=None, sampler='ddpm', num_steps=50, eval_batch_size=40, train={}),
     'tiny': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=32,
                  train=dict(val_start=30, val_every=30, checkpoint_every=60, log_every=10)),
+    # the CPU default (`make demo`): 64² phantoms, each fold fine-tuned from the shipped base model (`--from-scratch`: not)
+    'cpu': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=64, image_size=64,
+                train=dict(init_weights='base', val_start=30, val_every=30, checkpoint_every=60, log_every=10)),
 }
+
+def _size_kw(preset) -> dict:
+    "The `get_dataset(size=)` option of a preset's data (the CPU default works at 64²), or {} for the datasets' own."
+    s = RUN_DEFAULTS.get(preset, {}).get('image_size')
+    return {} if s is None else dict(size=s)
 
 @dataclass
 class ReproduceConfig:
     "What `reproduce` runs; the defaults are the embedded default (phantoms, tiny preset, 10 folds, CPU)."
     testsets: tuple = PHANTOM_TESTSETS  # `condiff.report.TESTSETS` names (the columns of Table 1)
-    preset: str = 'tiny'  # training preset ('tiny' or 'paper')
+    from_scratch: bool = False  # train every fold from a random initialisation, not from the shipped base model (`cpu` preset)
+    preset: str = 'cpu'  # training preset ('cpu': the CPU default, 'tiny', or 'paper')
     folds: tuple = tuple(range(10))  # folds to train and ensemble
     device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:1', or 'auto'
     runs: str = 'runs'  # root of the run folders
@@ -98,6 +107,8 @@ class ReproduceConfig:
         if self.sampler not in ('ddpm', 'ddim'): raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         for k in ('seed', 'eval_seed', 'data_seed'):
             if not isinstance(getattr(self, k), (int, np.integer)) or getattr(self, k) < 0: raise ValueError(f"{k} must be an int >= 0, got {getattr(self, k)!r}")
+        if not isinstance(self.from_scratch, bool): raise ValueError(f"from_scratch must be True or False, got {self.from_scratch!r}")
+        if self.from_scratch: self.train_overrides = {**self.train_overrides, 'init_weights': None}
         reals = [t for t in self.testsets if TESTSETS[t].data == 'real']
         if reals and self.data_root is None: raise ValueError(f"test set(s) {reals} are real data: pass data_root (--data-root)")
 
@@ -186,9 +197,11 @@ def load_testset(name:str, # a TESTSETS name
                  data_root=None, # real data only
                  data_seed:int=0, # phantom seed
                  test_images:int|None=None, # keep this many slices (None: all)
+                 preset:str|None=None, # load at this preset's image size (the CPU default: 64²); None: the data's own
                  **kw) -> SliceSet:
     "The test split of a Table 1 test set (optionally an evenly spaced subset with both classes)."
     ts = get_testset(name)
+    kw = {**_size_kw(preset), **kw}
     ss = get_dataset(ts.test[0], 'test', sequence=ts.test[1], root=data_root, seed=data_seed, **kw)
     return ss if test_images is None else subsample(ss, test_images)
 
@@ -222,21 +235,24 @@ def evaluate(testset:str, # a TESTSETS name
     rd = fold_dir(runs, testset, preset, fold)
     if not (rd / 'config.json').is_file(): raise FileNotFoundError(f"{rd}: fold {fold} of {get_testset(testset).family} "
                                                                    f"({preset}) is not trained; run `condiff train` first")
-    ss = data if data is not None else load_testset(testset, **load_kw)
+    ss = data if data is not None else load_testset(testset, preset=preset, **load_kw)
     return evaluate_fold(rd, ss, eval_dir(runs, testset, preset, fold), sampler=sampler or d['sampler'],
                          num_steps=num_steps or d['num_steps'], seed=seed, batch_size=batch_size or d['eval_batch_size'],
                          device=device, which=_which(rd), progress=progress)
 
 def ensemble_folds(testset:str, # a TESTSETS name
                    folds=tuple(range(10)), # the folds to average
-                   preset:str='tiny', runs='runs', progress:bool=True) -> dict:
+                   preset:str='tiny', runs='runs', progress:bool=True,
+                   data:SliceSet|None=None, # the test set, if already loaded (phantoms: measures the restorations too)
+                   **load_kw) -> dict: # `load_testset` options (data_seed, test_images) of the evaluated test set
     "Average the folds' maps on `testset` (`condiff.inference.ensemble`) and store the ensemble's metrics."
     from condiff.inference import ensemble
     dirs = [eval_dir(runs, testset, preset, f) for f in parse_folds(folds)]
     missing = [str(d) for d in dirs if not (d / 'metrics.json').is_file()]
     if missing: raise FileNotFoundError(f"fold evaluations missing for the ensemble on {testset}: {missing}")
     modality = 'RF' if get_testset(testset).column == 'DDR' else 'MRI'
-    return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress)
+    if data is None and TESTSETS[get_testset(testset).name].data == 'phantom': data = load_testset(testset, preset=preset, **load_kw)
+    return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress, testset=data)
 
 # %% ../nbs/10_cli.ipynb #cb79fdd4
 def git_commit(short:bool=False) -> str|None:
@@ -271,14 +287,18 @@ def collect_results(testsets, # TESTSETS names
             rnd = random_baseline(f0['n_anomalous'] / f0['n_images'], f0['lesion_pixel_fraction'])
         ctl = None
         if controls or (controls is None and TESTSETS[get_testset(t).name].data == 'phantom'):
-            data = load_testset(t, **load_kw)
+            data = load_testset(t, preset=preset, **load_kw)
             with TensorFile(ensemble_dir(runs, t, preset) / 'maps.safetensors') as tf: ids = tf.meta['ids']
             if data.ids != ids: raise ValueError(f"{t}: the test set loaded now ({len(data)} slices) is not the one evaluated "
                                                  f"({len(ids)} slices); pass the same test_images / data options")
             ctl = intensity_control(data.images, data.masks)
+        rq = None
+        if ens.get('restoration') or any(m.get('restoration') for m in fm.values()):
+            rq = dict(ensemble=ens.get('restoration'), folds={f: m.get('restoration') for f, m in fm.items()},
+                      noise_floor=(ens.get('restoration') or f0.get('restoration') or {}).get('noise_floor'))
         out.append(OursResult(t, {k: ens[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')},
                               {f: {k: m[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')} for f, m in fm.items()},
-                              preset, rnd, ctl, int(ens.get('n_images') or f0['n_images'])))
+                              preset, rnd, ctl, int(ens.get('n_images') or f0['n_images']), rq))
     return out
 
 def make_table1(testsets=PHANTOM_TESTSETS, preset:str='tiny', folds=tuple(range(10)), runs='runs',
@@ -317,7 +337,7 @@ def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str='tiny', folds=tuple(ran
             if r['ids'] != chosen[ts.name]: raise ValueError(f"fold {f} on {t}: slice order differs from the ensemble's")
             fold_maps.append(r['maps']); fold_rest.append(r['restorations'])
         best = closest_fold(np.stack(fold_maps))
-        data = load_testset(t, **load_kw)
+        data = load_testset(t, preset=preset, **load_kw)
         pos = {i: k for k, i in enumerate(data.ids)}
         missing = [i for i in chosen[ts.name] if i not in pos]
         if missing: raise ValueError(f"{t}: slices {missing} of the stored evaluation are not in the test set now loaded")
@@ -429,8 +449,10 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
                 tsteps.append(('train', dict(config=tc.to_dict(), runs=str(cfg.runs)), f"{fam}/fold{f}"))
             train_cfgs[fam] = {**tc.to_dict(), 'fold': list(cfg.folds)}
             if tc.train_data is None or tc.val_data is None:
-                for split in ('train', 'val'): get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.seed, cache_dir=tc.cache_dir)
-        for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed)
+                for split in ('train', 'val'):  # the same call (data seed, size) as the Trainer's, so its cache is used
+                    get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.data_seed, cache_dir=tc.cache_dir,
+                                **({} if tc.image_size is None else dict(size=tc.image_size)))
+        for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed, preset=cfg.preset)
         stage('data', ts0); bar.update(1)
         # 1. train every fold of every family
         ts0 = time.perf_counter()
@@ -458,10 +480,13 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
         ts0 = time.perf_counter()
         for t in cfg.testsets:
             before = _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json')
-            e = ensemble_folds(t, cfg.folds, cfg.preset, cfg.runs, progress)
+            e = ensemble_folds(t, cfg.folds, cfg.preset, cfg.runs, progress, data_root=cfg.data_root, data_seed=cfg.data_seed,
+                               test_images=cfg.test_images)
             if before is not None and before == _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json'): skipped['ensemble'].append(t)
+            q = e.get('restoration') or {}
             say(f"ensemble {t} ({len(cfg.folds)} folds): AP_i {e['AP_i']:.3f} AUROC {e['AUROC']:.3f} "
-                f"AP_p {e['AP_p']:.3f} max_Dice {e['max_Dice']:.3f} (random AP_p {e.get('lesion_pixel_fraction') or float('nan'):.4f})")
+                f"AP_p {e['AP_p']:.3f} max_Dice {e['max_Dice']:.3f} (random AP_p {e.get('lesion_pixel_fraction') or float('nan'):.4f})"
+                + (f"; lesion removal {q['lesion_removal']:.3f}, healthy fidelity {q['healthy_fidelity']:.4f}" if q.get('lesion_removal') is not None else ''))
             bar.update(1)
         stage('ensemble', ts0)
         # 4. Table 1 and Figure 3
@@ -477,7 +502,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     finally: bar.close()
     skipped['train'].sort(key=lambda l: [x for _, _, x in tsteps].index(l))
     results = {r.testset: dict(ensemble=r.ensemble, random=r.random, intensity_control=r.control, n_images=r.n_images,
-                               folds={str(f): m for f, m in r.folds.items()})
+                               folds={str(f): m for f, m in r.folds.items()}, restoration=r.to_dict()['restoration'])
                for r in collect_results(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, data_root=cfg.data_root,
                                         data_seed=cfg.data_seed, test_images=cfg.test_images)}
     man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
@@ -702,7 +727,7 @@ default data: the embedded phantom test sets """ + ', '.join(PHANTOM_TESTSETS) +
 real test sets: """ + ', '.join(t for t in TESTSETS if TESTSETS[t].data == 'real') + " (need --data-root)."
 
 def _add_common(p, runs=True, testsets=False, folds=True):
-    p.add_argument('--preset', default='tiny', choices=sorted(RUN_DEFAULTS), help='training preset (default: tiny)')
+    p.add_argument('--preset', default='cpu', choices=sorted(RUN_DEFAULTS), help='training preset (default: cpu, the CPU default)')
     if runs: p.add_argument('--runs', default='runs', help='root of the run folders (default: runs)')
     if folds: p.add_argument('--folds', default='0-9', help="folds, e.g. '0-9' or '0,3,5' (default: 0-9)")
     if testsets: p.add_argument('--testsets', nargs='+', default=list(PHANTOM_TESTSETS), metavar='NAME',
@@ -762,13 +787,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('reproduce', help='all folds -> Table 1 -> Figure 3',
                        description='Train all folds of every needed model family, evaluate them on the chosen test sets, '
                        'ensemble, then write Table 1, Figure 3 and manifest.json to OUT. Finished steps are skipped, so an '
-                       'interrupted run picks up where it stopped. Default: the four phantom test sets, tiny preset, CPU.')
+                       'interrupted run picks up where it stopped. Default: the four phantom test sets, cpu preset (the CPU default), CPU.')
     p.add_argument('--out', default='paper_figures', help='output folder (default: paper_figures)')
     p.add_argument('--max-steps', type=int, default=None, help='training steps per fold (default: RUN_DEFAULTS[preset])')
     p.add_argument('--train-seed', type=int, default=42, help='training seed (default: 42)')
     p.add_argument('--test-images', type=int, default=None, help='evenly spaced subset of each test set (smoke runs)')
     p.add_argument('--examples', type=int, default=2, help='Figure 3 examples per test set (default: 2)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TrainConfig override for every fold')
+    p.add_argument('--from-scratch', action='store_true', help="cpu preset: train every fold from a random initialisation "
+                   "instead of fine-tuning the shipped base model (use another --runs and --out)")
     _add_sampling(p); _add_common(p, testsets=True)
     p = sub.add_parser('pretrain', help="train a shipped base model of the CPU default",
                        description="Train the CPU default's base model of KIND (mri: T1 and T2 phantom brains; rf: phantom fundus) "
@@ -826,7 +853,7 @@ def main(argv=None):
                                   out=a.out, seed=a.train_seed, eval_seed=a.seed, data_root=a.data_root,
                                   max_steps=a.max_steps, sampler=a.sampler, num_steps=a.num_steps,
                                   eval_batch_size=a.batch_size, test_images=a.test_images,
-                                  train_overrides=_parse_sets(a.set), n_examples=a.examples)
+                                  train_overrides=_parse_sets(a.set), n_examples=a.examples, from_scratch=a.from_scratch)
             reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
         elif a.command == 'pretrain':
             if a.max_steps < 1 or a.threads < 1: raise ValueError(f"--max-steps and --threads must be >= 1, got {a.max_steps}, {a.threads}")

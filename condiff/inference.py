@@ -128,8 +128,8 @@ class TensorFile:
     def __exit__(self, *_): self.close()
 
 # %% ../nbs/08_inference.ipynb #57b66452
-from .data import SliceSet, to_model_space, atomic_write
-from .ddpm import DDPMSampler, DDIMSampler, restore
+from .data import SliceSet, to_model_space, from_model_space, atomic_write
+from .ddpm import NoiseSchedule, DDPMSampler, DDIMSampler, restore, eps_from_prediction
 
 SAMPLERS = ('ddpm', 'ddim')
 
@@ -202,9 +202,11 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
     model = model.to(device)
     amp, _ = _precision(device, dtype)
     smp = make_sampler(sampler, eta)
+    pred = getattr(model, 'config', {}).get('prediction_type', 'epsilon')  # ε (paper), x0 or v: the samplers take ε̂
     def model_fn(x_t, t, cond):
         with (torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()):
-            return model(x_t, t, cond).float()
+            out = model(x_t, t, cond).float()
+        return eps_from_prediction(getattr(smp, 'schedule', None) or NoiseSchedule(), out, x_t, t, pred)
     was_training = model.training
     model.eval()
     bar = progress if hasattr(progress, 'update') else tqdm(total=len(x), desc='restore', unit='img', disable=not progress)
@@ -221,10 +223,10 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
 
 # %% ../nbs/08_inference.ipynb #72c7e121
 from .ssim import anomaly_map, anomaly_score
-from .metrics import StreamingMetrics
+from .metrics import StreamingMetrics, RestorationMeter
 from .train import load_model, weights_digest, resolve_device, _git_commit
 
-EVAL_FORMAT = 1  # bump when the stored layout or the pipeline changes: older outputs are then recomputed
+EVAL_FORMAT = 2  # bump when the stored layout or the pipeline changes: older outputs are then recomputed (2: restoration quality)
 
 def _digest(*parts) -> str:
     h = hashlib.blake2b(digest_size=16)
@@ -347,6 +349,7 @@ def _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progre
     if ts.modality == 'MRI': spec['foreground'] = (np.uint8, (N, npk))
     if save_restorations: spec['restorations'] = (np.float16, (N, C, H, W))
     sm = StreamingMetrics() if ts.masks is not None else None
+    rq = RestorationMeter() if ts.healthy is not None and ts.masks is not None and save_restorations else None
     restore_s = 0.0
     with TensorFileWriter(out_dir/'maps.safetensors', spec, meta) as w:
         w.write('labels', ts.labels.astype(np.int64)); w.write('seeds', np.array(seeds, dtype=np.int64))
@@ -355,11 +358,23 @@ def _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progre
                 maps, scores = pf['maps'], pf['scores']
                 w.write('maps', maps); w.write('scores', scores)
                 if save_restorations: w.write('restorations', pf['restorations'])
+                if rq is not None: _restoration_update(rq, ts, a, b, pf['restorations'])
                 restore_s += float(pf.meta['restore_s'])
             if ts.masks is not None: w.write('masks', pack_bits(ts.masks[a:b]))
             if ts.modality == 'MRI': w.write('foreground', pack_bits(ts.images[a:b] > 0))
             if sm is not None: sm.update(maps, ts.masks[a:b], scores=scores, labels=ts.labels[a:b])
-    return _metrics_or_note(sm, ts.labels if ts.masks is not None else None), restore_s
+    out = _metrics_or_note(sm, ts.labels if ts.masks is not None else None)
+    if rq is not None: out['restoration'] = _restoration_result(rq, ts)
+    return out, restore_s
+
+def _restoration_update(rq, ts, a, b, rest):
+    "Add slices a:b (restorations in model space) to a RestorationMeter."
+    r = np.clip(from_model_space(torch.from_numpy(np.asarray(rest, np.float32)), ts.modality).numpy(), 0, 1)
+    rq.update(ts.images[a:b], r, ts.healthy[a:b], ts.masks[a:b])
+
+def _restoration_result(rq, ts) -> dict:
+    "Lesion removal, healthy fidelity and the test set's noise floor (see `condiff.metrics.RestorationMeter`)."
+    return {**rq.compute(), 'noise_floor': ts.meta.get('noise_floor')}
 
 def _metrics_or_note(sm, labels) -> dict:
     "The four metrics, or None for each with the reason when the test set cannot define them."
@@ -543,6 +558,7 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
              modality:str, # 'MRI' or 'RF' (MRI re-zeroes the background)
              chunk_size:int=128, # slices read from every fold at a time (bounds memory)
              progress:bool=True, # tqdm bar
+             testset:SliceSet|None=None, # the test set (with `healthy` references): also measure the mean restoration's quality
             ) -> dict: # the content of metrics.json
     "Average the folds' anomaly maps (streamed), re-zero the MRI background, recompute scores, compute all metrics."
     from condiff.data import MODALITIES
@@ -551,7 +567,7 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
     t0 = time.perf_counter()
     dirs, files, fold_metrics = _fold_sources(fold_eval_dirs, modality)
     out_dir, ref, F = Path(out_dir), files[0], len(files)
-    key = _digest('ensemble', EVAL_FORMAT, modality, *[f.meta['key'] for f in files])
+    key = _digest('ensemble', EVAL_FORMAT, modality, *[f.meta['key'] for f in files], testset is not None)
     done = _finished(out_dir, key)
     if done is not None: return done
     N, _, H, W = ref.shape('maps')
@@ -563,6 +579,10 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
     meta = {k: ref.meta[k] for k in ('ids', 'modality', 'testset', 'testset_fingerprint', 'shape')}
     meta.update(folds=[str(d) for d in dirs], key=key, space='model')
     sm = StreamingMetrics() if has_masks else None
+    rq = (RestorationMeter() if testset is not None and testset.healthy is not None and testset.masks is not None
+          and all('restorations' in f for f in files) else None)
+    if rq is not None and sliceset_fingerprint(testset) != ref.meta.get('testset_fingerprint'):
+        raise ValueError(f"ensemble: test set {testset.name!r} is not the one the folds were evaluated on (fingerprints differ)")
     with TensorFileWriter(out_dir/'maps.safetensors', spec, meta) as w:
         for a in tqdm(range(0, N, chunk_size), desc=f'ensemble of {F}', disable=not progress):
             b = min(a + chunk_size, N)
@@ -579,12 +599,16 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
             for k in ('masks', 'foreground'):
                 if k in spec: w.write(k, ref.rows(k, a, b))
             if sm is not None: sm.update(maps16, unpack_bits(ref.rows('masks', a, b), (H, W)), scores=scores, labels=labels)
+            if rq is not None:  # the ensemble's restoration: the mean of the folds' restorations
+                _restoration_update(rq, testset, a, b, sum(f.rows('restorations', a, b).astype(np.float32) for f in files) / F)
     metrics = _metrics_or_note(sm, ref['labels'] if has_masks else None)
     summary = fold_summary(fold_metrics, ddof=STD_DDOF) if metrics['AP_i'] is not None else {}
     result = {**metrics, **summary, 'std_ddof': STD_DDOF,
               'per_fold': [{'dir': str(d), **{k: m.get(k) for k in METRIC_KEYS}} for d, m in zip(dirs, fold_metrics)],
               'n_folds': F, 'n_images': N, 'lesion_pixel_fraction': fold_metrics[0].get('lesion_pixel_fraction'),
               'modality': modality, 'testset': ref.meta.get('testset'),
+              **({'restoration': _restoration_result(rq, testset)} if rq is not None else {}),
+              'restoration_per_fold': [m.get('restoration') for m in fold_metrics],
               'samplers': sorted({f"{m.get('sampler')}/{m.get('num_steps')}" for m in fold_metrics}),
               'timing': {'ensemble_wall_s': time.perf_counter() - t0,
                          'folds_restore_s': float(sum(m.get('timing', {}).get('restore_s', 0.0) for m in fold_metrics))},

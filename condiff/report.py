@@ -14,10 +14,10 @@ from .data import atomic_write
 
 # %% auto #0
 __all__ = ['TABLE1_COLUMNS', 'TABLE1_METRICS', 'METRIC_HEADERS', 'TESTSETS', 'PHANTOM_TESTSETS', 'REAL_TESTSETS',
-           'PAPER_CITATION', 'PAPER_TABLE1_CSV', 'TestSet', 'get_testset', 'Row', 'format_value', 'paper_table1',
-           'fold_summary', 'random_metrics', 'random_baseline', 'intensity_control', 'OursResult', 'Table1',
-           'build_table1', 'write_table1', 'read_table1_csv', 'closest_fold', 'select_examples', 'lesion_ellipses',
-           'Figure3Panel', 'plot_figure3', 'save_figure3']
+           'PAPER_CITATION', 'PAPER_TABLE1_CSV', 'RESTORATION_ROWS', 'TestSet', 'get_testset', 'Row', 'format_value',
+           'paper_table1', 'fold_summary', 'random_metrics', 'random_baseline', 'intensity_control', 'OursResult',
+           'Table1', 'build_table1', 'restoration_rows', 'write_table1', 'read_table1_csv', 'closest_fold',
+           'select_examples', 'lesion_ellipses', 'Figure3Panel', 'plot_figure3', 'save_figure3']
 
 # %% ../nbs/09_report.ipynb #82e8911e
 TABLE1_COLUMNS = ('BraTS-T2', 'BraTS-T1', 'ATLAS', 'DDR')  # Table 1's column groups, in the paper's order
@@ -168,6 +168,7 @@ class OursResult:
     random: dict|None = None  # `random_metrics` of the test set (None: no Random row for it)
     control: dict|None = None  # `intensity_control` of the test set (None: no Intensity row for it)
     n_images: int|None = None  # test images evaluated
+    restoration: dict|None = None  # phantoms: {'ensemble': {...}, 'folds': {fold: {...}}, 'noise_floor'} (`RestorationMeter` values)
 
     def __post_init__(self):
         self.testset = get_testset(self.testset).name
@@ -183,7 +184,8 @@ class OursResult:
 
     def to_dict(self) -> dict:
         return dict(testset=self.testset, ensemble=self.ensemble, folds={str(k): v for k, v in self.folds.items()},
-                    preset=self.preset, random=self.random, control=self.control, n_images=self.n_images)
+                    preset=self.preset, random=self.random, control=self.control, n_images=self.n_images,
+                    restoration=None if self.restoration is None else json.loads(json.dumps(self.restoration)))
 
     @classmethod
     def from_dict(cls, d:dict) -> OursResult: return cls(**d)
@@ -203,6 +205,7 @@ class Table1:
     "Table 1: quoted rows and our rows, with notes; `write` saves .md, .csv and .tex."
     rows: list  # `Row`s, quoted first
     notes: list = field(default_factory=list)  # one line per block of our rows (provenance), then the citation
+    restoration: list = field(default_factory=list)  # (block label, row name, {column: value}) of the restoration block
 
     @property
     def ours(self) -> list: return [r for r in self.rows if r.source == 'ours']
@@ -228,7 +231,7 @@ def build_table1(results, # `OursResult`s (or their dicts), any number, any test
         if r.column in blk: raise ValueError(f"two results for Table 1 column {r.column!r} on {r.data} data: "
                                              f"{blk[r.column].testset!r} and {r.testset!r}")
         blk[r.column] = r
-    rows, notes = paper_table1(), []
+    rows, notes, restoration = paper_table1(), [], []
     for (data, preset, folds), blk in sorted(blocks.items(), key=lambda kv: (kv[0][0] != 'phantom', kv[0][1], kv[0][2])):
         label = f"ours: condiff on {data} data, preset {preset}, folds {_fold_span(folds)}" + (f", commit {_short(commit)}" if commit else '')
         sets = ', '.join(f"{c} = {blk[c].testset}" + (f" ({blk[c].n_images} images)" if blk[c].n_images else '')
@@ -245,11 +248,31 @@ def build_table1(results, # `OursResult`s (or their dicts), any number, any test
                     for s in ('avg', 'max', 'std'): vals[f"Ours_{s}"][(c, m)] = summ[s][m]
         for method, v in vals.items():
             if v: rows.append(Row('ours', '-' if method in ('Random', 'Intensity') else 'S-S', method, v, {}, label))
+        restoration += restoration_rows(label, blk)
     if any(r.control is not None for blk in blocks.values() for r in blk.values()):
         notes.append("controls: Random = expected metrics of random scores on our test sets; Intensity = the test image "
                      "itself used as the anomaly map (an untrained model's 1 − SSIM map scores about like this)")
     notes.append(f"quoted: {PAPER_CITATION} (real data: BraTS 2020, ATLAS R2.0, DDR; models trained on CamCAN / DDR)")
-    return Table1(rows, notes)
+    return Table1(rows, notes, restoration)
+
+RESTORATION_ROWS = ('lesion removal, Ours_ens ↑', 'lesion removal, Ours_avg ↑', 'healthy fidelity, Ours_ens ↓',
+                    'healthy fidelity, Ours_avg ↓', 'noise floor')
+
+def restoration_rows(label:str, # the block's provenance label
+                     blk:dict, # {column: OursResult}
+                    ) -> list: # [(label, row name, {column: value})], empty if no result has restoration numbers
+    "The restoration block of one block of our rows: lesion removal and healthy fidelity of the ensemble and the fold mean."
+    vals = {n: {} for n in RESTORATION_ROWS}
+    for c, r in blk.items():
+        q = r.restoration
+        if not q: continue
+        ens, folds = q.get('ensemble') or {}, [f for f in (q.get('folds') or {}).values() if f]
+        for k, short in (('lesion_removal', 'lesion removal'), ('healthy_fidelity', 'healthy fidelity')):
+            if ens.get(k) is not None: vals[f"{short}, Ours_ens {'↑' if k == 'lesion_removal' else '↓'}"][c] = float(ens[k])
+            fv = [f[k] for f in folds if f.get(k) is not None]
+            if fv: vals[f"{short}, Ours_avg {'↑' if k == 'lesion_removal' else '↓'}"][c] = float(np.mean(fv))
+        if q.get('noise_floor') is not None: vals['noise floor'][c] = float(q['noise_floor'])
+    return [(label, n, v) for n, v in vals.items() if v]
 
 # %% ../nbs/09_report.ipynb #f47ee106
 def _csv_text(t:Table1) -> str:
@@ -272,7 +295,27 @@ def _md_text(t:Table1, title:str) -> str:
         lines.append('| ' + ' | '.join([name, src] + [r.cell(c, m) for c, m in _cell_keys()]) + ' |')
     lines += ['', 'Rows marked **ours** were computed by condiff; every other row is quoted from the paper.', '']
     lines += [f"- {n}" for n in t.notes]
+    if t.restoration:
+        lines += ['', '## Restoration quality (phantom test sets)', '',
+                  'Lesion removal = 1 − Σ|ŷ − x_h| / Σ|y − x_h| over lesion pixels (1: the healthy scan given back, 0: the input copied); '
+                  'healthy fidelity = mean |ŷ − y| over healthy foreground pixels (the noise floor: mean |x − x′| between two noise '
+                  'draws of the same healthy slice). Real data cannot measure either.', '',
+                  '| Row | ' + ' | '.join(TABLE1_COLUMNS) + ' |', '|---|' + '---:|' * len(TABLE1_COLUMNS)]
+        blk = None
+        for label, name, v in t.restoration:
+            if label != blk:
+                blk = label; lines.append('| ' + ' | '.join([f"*{label}*"] + [''] * len(TABLE1_COLUMNS)) + ' |')
+            lines.append('| ' + ' | '.join([name] + [_fmt_q(v.get(c)) for c in TABLE1_COLUMNS]) + ' |')
     return '\n'.join(lines) + '\n'
+
+def _fmt_q(x) -> str: return '–' if x is None else f"{x:.3f}" if abs(x) >= 0.01 else f"{x:.4f}"
+
+def _restoration_csv(t:Table1) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(['data', 'row'] + list(TABLE1_COLUMNS))
+    for label, name, v in t.restoration: w.writerow([label, name] + ['' if v.get(c) is None else repr(float(v[c])) for c in TABLE1_COLUMNS])
+    return buf.getvalue()
 
 _TEX_ESC = {'&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{', '}': r'\}', '~': r'\textasciitilde{}', '^': r'\^{}'}
 def _tex(s:str) -> str:
@@ -301,6 +344,17 @@ def _tex_text(t:Table1, title:str) -> str:
         L.append(' & '.join([_tex(r.group), meth] + cells) + r' \\')
     L += [r'\bottomrule', r'\end{tabular}', '']
     L += [f"% {n}" for n in t.notes]
+    if t.restoration:
+        L += ['', '% restoration quality (phantom test sets): lesion removal (higher is better), healthy fidelity (lower is better)',
+              r'\begin{tabular}{l' + 'r' * len(TABLE1_COLUMNS) + '}', r'\toprule',
+              'Row & ' + ' & '.join(_tex(c) for c in TABLE1_COLUMNS) + r' \\', r'\midrule']
+        blk = None
+        for label, name, v in t.restoration:
+            if label != blk:
+                blk = label; L.append(rf'\multicolumn{{{1 + len(TABLE1_COLUMNS)}}}{{l}}{{\emph{{{_tex(label)}}}}} \\')
+            L.append(' & '.join([_tex(name.replace('↑', '(higher is better)').replace('↓', '(lower is better)'))]
+                                + [_fmt_q(v.get(c)) for c in TABLE1_COLUMNS]) + r' \\')
+        L += [r'\bottomrule', r'\end{tabular}', '']
     return '\n'.join(L) + '\n'
 
 def write_table1(table:Table1, # from `build_table1`
@@ -313,6 +367,9 @@ def write_table1(table:Table1, # from `build_table1`
     paths = {}
     for ext, txt in texts.items():
         paths[ext] = atomic_write(out_dir / f"table1.{ext}", lambda tmp, txt=txt: Path(tmp).write_text(txt, encoding='utf-8'))
+    if table.restoration:  # the restoration block's numbers, unrounded
+        txt = _restoration_csv(table)
+        paths['restoration_csv'] = atomic_write(out_dir / 'table1_restoration.csv', lambda tmp: Path(tmp).write_text(txt, encoding='utf-8'))
     return paths
 
 def read_table1_csv(path) -> Table1:
