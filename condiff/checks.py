@@ -56,13 +56,16 @@ def check_choice(name:str, v, choices, none:bool=False):
     if v not in tuple(choices): raise BadInput(name, v, ' | '.join(map(str, choices)) + (" or None (the default)" if none else ''))
     return v
 
-def check_device(name:str, v) -> str:
-    "'cpu', 'auto', 'cuda' or 'cuda:N' — and a CUDA device must exist on this machine."
+def check_device(name:str, v,
+                 available:bool=True, # also require the CUDA device to exist on this machine (False: the spelling only)
+                ) -> str:
+    "'cpu', 'auto', 'cuda' or 'cuda:N' — and (`available`) a CUDA device must exist on this machine."
     allowed = "cpu | auto | cuda | cuda:N (N = a GPU index)"
     if not isinstance(v, str): raise BadInput(name, v, allowed)
     if v in ('cpu', 'auto'): return v
     head, _, idx = v.partition(':')
     if head != 'cuda' or (idx and not idx.isdigit()): raise BadInput(name, v, allowed)
+    if not available: return v
     import torch
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0: raise BadInput(name, v, "cpu | auto", "CUDA is not available on this machine")
@@ -85,7 +88,7 @@ def check_in_dir(name:str, p) -> Path:
     "An existing folder to read from."
     if p is None: raise BadInput(name, p, 'an existing folder')
     p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing folder', 'no such folder')
+    if not p.exists(): raise BadInput(name, str(p), 'an existing folder', 'folder not found')
     if not p.is_dir(): raise BadInput(name, str(p), 'an existing folder', 'it is a file, not a folder')
     return p
 
@@ -93,7 +96,7 @@ def check_in_file(name:str, p) -> Path:
     "An existing regular file to read."
     if p is None: raise BadInput(name, p, 'an existing file')
     p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing file', 'no such file')
+    if not p.exists(): raise BadInput(name, str(p), 'an existing file', 'file not found')
     if p.is_dir(): raise BadInput(name, str(p), 'a file', 'it is a folder')
     return p
 
@@ -179,13 +182,14 @@ class FolderLock:
                 ):
         self.folder, self.what = Path(folder), what
         self.path = self.folder / '.lock'
-        self.took_over = None
+        self.took_over, self.created = None, False
 
     def acquire(self):
         "Take the lock, or raise `LockHeld` naming its holder. A lock left by a dead process is taken over."
-        self.folder.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _HELD: _HELD[key][1] += 1; return self
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -214,7 +218,11 @@ class FolderLock:
         ent[1] -= 1
         if ent[1] > 0: return
         del _HELD[key]
-        try: os.ftruncate(ent[0], 0)
+        try:
+            os.ftruncate(ent[0], 0)
+            if self.created and [p.name for p in self.folder.iterdir()] == ['.lock']:  # we made it and wrote nothing: leave no trace
+                self.path.unlink(); self.folder.rmdir()
+        except OSError: pass
         finally: os.close(ent[0])  # closing the descriptor releases the lock (the kernel does it too if we die)
 
     def __enter__(self): return self.acquire()
