@@ -182,13 +182,15 @@ class FolderLock:
                 ):
         self.folder, self.what = Path(folder), what
         self.path = self.folder / '.lock'
-        self.took_over, self.created = None, False
+        self.took_over, self.created, self._made = None, False, None
 
     def acquire(self):
         "Take the lock, or raise `LockHeld` naming its holder. A lock left by a dead process is taken over."
         key = str(self.path.resolve())
         if key in _HELD: _HELD[key][1] += 1; return self
-        self.created = not self.folder.exists()
+        self.created, top = not self.folder.exists(), self.folder
+        while not top.parent.exists() and top.parent != top: top = top.parent
+        self._made = top if self.created else None  # the topmost folder this lock creates
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,7 +223,12 @@ class FolderLock:
         try:
             os.ftruncate(ent[0], 0)
             if self.created and [p.name for p in self.folder.iterdir()] == ['.lock']:  # we made it and wrote nothing: leave no trace
-                self.path.unlink(); self.folder.rmdir()
+                self.path.unlink()
+                d = self.folder
+                while True:
+                    d.rmdir()
+                    if d == self._made or any(d.parent.iterdir()): break
+                    d = d.parent
         except OSError: pass
         finally: os.close(ent[0])  # closing the descriptor releases the lock (the kernel does it too if we die)
 

@@ -358,7 +358,7 @@ def save_checkpoint(ckpt_dir, # the run's `checkpoints/` folder
                     files:dict, # file name -> bytes
                     tags=('latest',), # links to point at this checkpoint
                    ) -> Path:
-    "Write `files` as checkpoint `step-N` atomically, point `tags` at it and delete unreferenced checkpoints."
+    "Write `files` as checkpoint `step-N` atomically, point `tags` at it (the old `latest` becomes `previous`) and delete unreferenced checkpoints."
     ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final, refs = ckpt_dir / name, {t: _link_target(ckpt_dir, t) for t in ('latest', 'best')}
@@ -374,14 +374,18 @@ def save_checkpoint(ckpt_dir, # the run's `checkpoints/` folder
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise
+    old = refs['latest']
+    if 'latest' in tags and old not in (None, name) and (ckpt_dir / old).is_dir():  # keep one fallback for a corrupt `latest`
+        link = ckpt_dir / f".previous-{uuid.uuid4().hex[:8]}"
+        os.symlink(old, link); os.replace(link, ckpt_dir / 'previous')
     for t in tags:
         link = ckpt_dir / f".{t}-{uuid.uuid4().hex[:8]}"
         os.symlink(name, link)
         os.replace(link, ckpt_dir / t)
     _fsync_dir(ckpt_dir)
-    keep = {_link_target(ckpt_dir, t) for t in ('latest', 'best')}
+    keep = {_link_target(ckpt_dir, t) for t in ('latest', 'best', 'previous')}
     for p in ckpt_dir.iterdir():  # prune: unreferenced checkpoints and debris of interrupted writes
-        if p.name in keep or p.name in ('latest', 'best'): continue
+        if p.name in keep or p.name in ('latest', 'best', 'previous'): continue
         if '.corrupt-' in p.name: continue  # moved aside by `verify_checkpoint`'s callers: kept for inspection
         if p.name.startswith('step-') or p.name.startswith('.tmp-'): shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith('.') and p.is_symlink(): p.unlink()
