@@ -12,8 +12,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['BadInput', 'cli_flag', 'check_int', 'check_float', 'check_choice', 'check_device', 'check_out_dir', 'check_in_dir',
-           'check_in_file', 'check_notebook_parameters', 'file_sha256', 'quarantine', 'os_error_message', 'LockHeld',
-           'FolderLock', 'lock_holder', 'die_with_parent']
+           'check_in_file', 'check_notebook_parameters', 'file_sha256', 'quarantine', 'file_mode', 'os_error_message',
+           'LockHeld', 'FolderLock', 'lock_holder', 'die_with_parent']
 
 # %% ../nbs/00a_checks.ipynb #52c333fc
 class BadInput(ValueError):
@@ -143,6 +143,7 @@ def file_sha256(path) -> str:
 
 def quarantine(path, # a file (or folder) found corrupt
                why:str, # what was wrong with it
+               then:str='recomputed', # what happens instead (for the warning)
               ) -> Path: # where it now is
     "Move a corrupt file aside as `<name>.corrupt-<UTC time>` (never reused, kept for inspection) and warn."
     path = Path(path)
@@ -150,8 +151,13 @@ def quarantine(path, # a file (or folder) found corrupt
     k = 1
     while dst.exists(): dst = dst.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{k}"); k += 1
     os.replace(path, dst)
-    warnings.warn(f"{path}: {why}; moved aside to {dst.name} and recomputed", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"{path}: {why}; moved aside to {dst.name} and {then}", RuntimeWarning, stacklevel=2)
     return dst
+
+def file_mode() -> int:
+    "The one mode of every output file: 0o666 minus the process umask (0o644 by default), as `open` would create it."
+    m = os.umask(0o022); os.umask(m)
+    return 0o666 & ~m
 
 _OS_HINTS = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
              errno.EPERM: 'permission denied', errno.EISDIR: 'it is a folder, a file was expected',

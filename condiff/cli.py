@@ -258,6 +258,10 @@ def subsample(ss:SliceSet, n:int) -> SliceSet:
     out.meta['subsample'] = dict(n=int(n), of=len(ss))
     return out
 
+def _rank0_lock(folder, what):
+    from contextlib import nullcontext
+    return FolderLock(folder, what) if int(os.environ.get('RANK', '0')) == 0 else nullcontext()
+
 def _which(run_dir) -> str:
     return 'best' if (Path(run_dir) / 'checkpoints' / 'best').exists() else 'latest'
 
@@ -287,7 +291,7 @@ def evaluate(testset:str, # a TESTSETS name
     check_same_family([rd], dict(dataset=ts.train[0], sequence=ts.train[1], preset=preset))  # e.g. a T1 fold copied into a T2 family
     ss = data if data is not None else load_testset(testset, progress=progress, **load_kw)
     out = eval_dir(runs, testset, preset, fold)
-    with FolderLock(out, 'evaluation folder'):  # one writer per result folder
+    with _rank0_lock(out, 'evaluation folder'):  # one writer per result folder (under torchrun rank 0 holds it for all)
         return evaluate_fold(rd, ss, out, sampler=sampler if sampler is not None else d['sampler'],
                              num_steps=num_steps if num_steps is not None else d['num_steps'], seed=seed,
                              batch_size=batch_size if batch_size is not None else d['eval_batch_size'],
@@ -306,7 +310,7 @@ def ensemble_folds(testset:str, # a TESTSETS name
     check_same_family([fold_dir(runs, testset, preset, f) for f in fl], dict(dataset=ts.train[0], sequence=ts.train[1], preset=preset))
     check_same_family([fold_dir(runs, testset, preset, f) for f in fl])  # the same data fingerprint, channels, modality
     modality = 'RF' if ts.column == 'DDR' else 'MRI'
-    with FolderLock(ensemble_dir(runs, testset, preset), 'ensemble folder'):
+    with _rank0_lock(ensemble_dir(runs, testset, preset), 'ensemble folder'):
         return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress)
 
 # %% ../nbs/10_cli.ipynb #cb79fdd4

@@ -103,6 +103,8 @@ def atomic_write(path, write_fn, suffix=''):
     os.close(fd)
     try:
         write_fn(tmp)
+        from condiff.checks import file_mode
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files: outputs get the one documented mode instead
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)

@@ -98,6 +98,8 @@ class TensorFileWriter:
         assert len(hb) == self._hlen, 'header length changed'
         self._f.seek(8); self._f.write(hb)
         self._f.flush(); os.fsync(self._f.fileno()); self._f.close()
+        from condiff.checks import file_mode
+        os.chmod(self._tmp, file_mode())  # mkstemp makes 0600 files: the one documented output mode instead
         os.replace(self._tmp, self.path)
         return self.path
 

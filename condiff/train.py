@@ -455,7 +455,7 @@ def resume_checkpoint(run_dir, # a run folder
         try: verify_checkpoint(ck)
         except CorruptCheckpoint as e:
             rec = dict(checkpoint=ck.name, reason=str(e))
-            if quarantine_bad: rec['moved_to'] = quarantine(ck, f"checkpoint fails verification ({e})").name
+            if quarantine_bad: rec['moved_to'] = quarantine(ck, f"checkpoint fails verification ({e})", 'not used').name
             skipped.append(rec); continue
         if skipped: warnings.warn(f"{run_dir}: resuming from {ck.name}, the newest checkpoint that verifies "
                                   f"(skipped {[s['checkpoint'] for s in skipped]})", RuntimeWarning)
@@ -634,7 +634,8 @@ class Trainer:
         cfg = self.config
         def one(path, split):
             if path is not None: return load_sliceset(path)
-            return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
+            return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir,
+                               progress=self.progress and self.rank == 0)
         tr, va = one(cfg.train_data, 'train'), one(cfg.val_data, 'val')
         for ss, what in ((tr, 'training'), (va, 'validation')):
             if len(ss) == 0: raise ValueError(f"the {what} set {ss.name!r} is empty")

@@ -434,3 +434,50 @@ def test_batch_size_bound_of_the_maps(tmp_path):
         assert ulps <= 1, ulps
         for k in ('AP_i', 'AUROC', 'max_Dice'): assert abs(r[bs][k] - r[1][k]) <= 1e-6, k
         assert abs(r[bs]['AP_p'] - r[1]['AP_p']) <= 1e-6
+
+
+def test_second_writer_is_refused_naming_the_holder(env, tmp_path, capsys):
+    "A fold folder held by another live process: `condiff train` is refused (exit 2) with the holder's pid; nothing changes."
+    runs = tmp_path / 'runs'
+    fd = runs / 'phantom-brain-t1' / 'tiny' / 'fold0'
+    shutil.copytree(env['t1'] / 'fold0', fd, symlinks=True)
+    holder = subprocess.Popen([sys.executable, '-c', "import sys, time; from condiff.checks import FolderLock\n"
+                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(fd)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        before = snapshot(runs)
+        data = str(env['root'] / 'mri.npz')
+        code, err = run_cli(['train', TS, '--fold', 0, '--runs', runs, '--max-steps', 3, '--no-progress', '--set', f'train_data="{data}"',
+                             '--set', f'val_data="{data}"', '--set', 'batch_size=2', '--set', 'val_batch_size=2',
+                             '--set', 'val_start=1', '--set', 'val_every=1', '--set', 'checkpoint_every=1'], capsys)
+        assert code == 2 and f"pid {holder.pid}" in err and 'fold0' in err and 'in use by another process' in err, err
+        assert snapshot(runs) == before
+    finally:
+        holder.kill(); holder.wait()
+    # its holder gone (killed), the lock is taken over and the run resumes
+    code, err = run_cli(['train', TS, '--fold', 0, '--runs', runs, '--max-steps', 3, '--no-progress', '--set', f'train_data="{data}"',
+                         '--set', f'val_data="{data}"', '--set', 'batch_size=2', '--set', 'val_batch_size=2',
+                         '--set', 'val_start=1', '--set', 'val_every=1', '--set', 'checkpoint_every=1'], capsys)
+    assert code == 0, err
+    assert json.loads((fd / 'run.json').read_text())['step'] == 3
+
+
+def test_a_crash_leaves_run_json_failed_with_the_reason(env, tmp_path, monkeypatch):
+    from condiff import train as T
+    def boom(self, batch): raise RuntimeError('simulated crash in a training step')
+    monkeypatch.setattr(T.Trainer, 'train_step', boom)
+    cfg = fold_config('phantom-brain', 't1', 0, train_data=str(env['root'] / 'mri.npz'), val_data=str(env['root'] / 'mri.npz'), **SMALL)
+    with pytest.raises(RuntimeError, match='simulated crash'): T.train(cfg, tmp_path / 'runs', progress=False)
+    st = json.loads((T.run_dir_for(cfg, tmp_path / 'runs') / 'run.json').read_text())
+    assert st['status'] == 'failed' and st['reason'] == 'RuntimeError: simulated crash in a training step'
+    assert not lock_holder(T.run_dir_for(cfg, tmp_path / 'runs'))['alive']  # the lock went with it
+
+
+def test_output_files_have_one_mode(env):
+    "Every output file (atomic writes, tensor files, checkpoints) has mode 0o666 minus the umask."
+    from condiff.checks import file_mode
+    files = [p for p in env['runs'].rglob('*') if p.is_file() and not p.is_symlink() and p.name != '.lock']
+    assert files
+    modes = {oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {oct(file_mode())}, {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != file_mode()}
