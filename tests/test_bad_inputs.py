@@ -75,7 +75,9 @@ def snapshot(*dirs) -> dict:
 def run_cli(argv, capsys):
     try: code = main([str(a) for a in argv])
     except SystemExit as e: code = e.code
-    return code, capsys.readouterr().err
+    r = capsys.readouterr()
+    run_cli.out = r.out  # what the command printed (JSON), for the cases that read it
+    return code, r.err
 
 
 # -- the CLI table --------------------------------------------------------------------------------------------------
@@ -216,16 +218,18 @@ def test_cli_output_path_is_a_folder(env, tmp_path, capsys):
     assert snapshot(tmp_path) == before and not list(tmp_path.glob('.w_*'))  # no temporary left
 
 
-def test_cli_disk_full(env, tmp_path, capsys, monkeypatch):
-    "A full disk while Table 1 is written (simulated: the write fails with ENOSPC)."
+@pytest.mark.parametrize('err_no,what', [(errno.ENOSPC, 'the disk is full'), (errno.EROFS, 'the file system is read-only'),
+                                          (errno.EACCES, 'permission denied')])
+def test_cli_disk_full_or_read_only(env, tmp_path, capsys, monkeypatch, err_no, what):
+    "A full disk / read-only file system / no permission while Table 1 is written (simulated: the write fails; tests run as root)."
     real = Path.write_text
     def full(self, *a, **k):
-        if str(self).startswith(str(tmp_path)): raise OSError(errno.ENOSPC, 'No space left on device', str(self))
+        if str(self).startswith(str(tmp_path)): raise OSError(err_no, os.strerror(err_no), str(self))
         return real(self, *a, **k)
     monkeypatch.setattr(Path, 'write_text', full)
     code, err = run_cli(['table1', '--testsets', TS, '--folds', '0,1', '--runs', env['runs'], '--out', tmp_path / 'o',
                          '--test-images', 6], capsys)
-    assert code == 1 and 'the disk is full' in err and str(tmp_path / 'o') in err and len(err.strip().splitlines()) == 1, err
+    assert code == 1 and what in err and str(tmp_path / 'o') in err and len(err.strip().splitlines()) == 1, err
     assert not [p for p in tmp_path.rglob('*') if p.is_file()]
 
 
@@ -398,6 +402,7 @@ def test_killed_reproduce_then_a_second_one(env, tmp_path):
     # at once a second reproduce: the orphans (if still alive) hold the folds: refused naming the holder, or it runs after them
     b = subprocess.run(cmd + [str(x) for x in args] + ['--max-steps', '12'], capture_output=True, text=True, env=env_vars, timeout=300)
     assert b.returncode in (0, 2), b.stderr
+    print(f"second reproduce right after the kill: exit {b.returncode}")
     if b.returncode == 2: assert 'in use by another process' in b.stderr and 'pid' in b.stderr, b.stderr
     t0 = time.time()
     while any(_pid_alive(p) for p in workers) and time.time() - t0 < 30: time.sleep(0.2)
@@ -481,3 +486,29 @@ def test_output_files_have_one_mode(env):
     assert files
     modes = {oct(p.stat().st_mode & 0o777) for p in files}
     assert modes == {oct(file_mode())}, {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != file_mode()}
+
+
+def test_16bit_fundus_png_is_scaled_not_saturated(env, tmp_path, capsys):
+    "A 16-bit greyscale fundus PNG (was: saturated to 8 bits, its bright lesion gone): scaled by its bit depth, range recorded."
+    from condiff.data import load_fundus
+    g = np.full((160, 200), 20000, np.uint16); g[60:90, 80:110] = 60000  # a bright lesion, far above 255
+    Image.fromarray(g).save(tmp_path / 'eye16.png')
+    x = load_fundus(tmp_path / 'eye16.png')
+    assert x.max() < 0.95 and x.max() - x.min() > 0.5  # not all white: the lesion keeps its contrast
+    code, _ = run_cli(['detect', tmp_path / 'eye16.png', '--run', env['runs'] / 'phantom-fundus' / 'tiny', '--num-steps', 2, '--no-progress'], capsys)
+    assert code == 0
+    r = json.loads(run_cli.out)
+    assert r['input_range'] == dict(mode='I;16', bits=16, min=20000.0, max=60000.0) and r['warnings'] == []
+    assert Image.open(tmp_path / 'eye16_restoration.png').size == (200, 160)
+    rest = np.asarray(Image.open(tmp_path / 'eye16_restoration.png'))
+    assert rest[5, 5, 0] == round(20000 / 65535 * 255)  # outside the model's square: the photograph itself, not saturated (255)
+
+
+def test_nifti_with_negative_values_is_warned(env, tmp_path, capsys):
+    "Decision (data card, detect chapter): a NIfTI volume with negative values is warned about, in stderr and the JSON, not refused."
+    vol = ellipsoid((30, 30, 3)) - 40.0  # a background below 0, as after z-scoring or CT
+    nib.save(nib.Nifti1Image(vol, AFFINE), tmp_path / 'neg.nii.gz')
+    with pytest.warns(RuntimeWarning, match='negative values'):
+        r = detect(tmp_path / 'neg.nii.gz', env['t1'], num_steps=2, progress=False)
+    assert r['input_range']['min'] < 0 and r['input_range']['max'] > 0 and r['warnings'] and 'neg.nii.gz' in r['warnings'][0]
+    assert Path(r['map']).exists()
