@@ -936,12 +936,12 @@ def main(argv=None):
         elif a.command == 'table1':
             check_in_dir('runs', a.runs); check_out_dir('out', a.out); check_int('test_images', a.test_images, 2, none=True)
             for p in make_table1(a.testsets, a.preset, a.folds, a.runs, a.out, data_root=a.data_root,
-                                 test_images=a.test_images).values(): print(p)
+                                 test_images=a.test_images, progress=progress).values(): print(p)
         elif a.command == 'figure3':
             check_in_dir('runs', a.runs); check_out_dir('out', a.out); check_int('test_images', a.test_images, 2, none=True)
             check_int('n_examples', a.examples, 1, 8)
             for p in make_figure3(a.testsets, a.preset, a.folds, a.runs, a.out, a.examples, data_root=a.data_root,
-                                  test_images=a.test_images).values(): print(p)
+                                  test_images=a.test_images, progress=progress).values(): print(p)
         elif a.command == 'reproduce':
             cfg = ReproduceConfig(testsets=tuple(a.testsets), preset=a.preset, folds=a.folds, device=a.device, runs=a.runs,
                                   out=a.out, seed=a.train_seed, eval_seed=a.seed, data_root=a.data_root,

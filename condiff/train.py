@@ -984,8 +984,11 @@ def main(argv=None):
         cfg = TrainConfig.from_json(a.config) if a.config else TrainConfig.from_preset(a.preset)
         cfg = cfg.replace(**_parse_sets(a.set))
         run_dir = train(cfg, a.out, resume=not a.no_resume, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input, or the run folder is held by another process
         p.exit(2, f"error: {e}\n")
+    except OSError as e:  # disk full, read-only...: one line naming the path
+        from condiff.checks import os_error_message
+        p.exit(1, f"error: {os_error_message(e)}\n")
     if dist_env()[0] == 0: print(run_dir)
     return run_dir
 

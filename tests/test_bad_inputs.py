@@ -512,3 +512,27 @@ def test_nifti_with_negative_values_is_warned(env, tmp_path, capsys):
         r = detect(tmp_path / 'neg.nii.gz', env['t1'], num_steps=2, progress=False)
     assert r['input_range']['min'] < 0 and r['input_range']['max'] > 0 and r['warnings'] and 'neg.nii.gz' in r['warnings'][0]
     assert Path(r['map']).exists()
+
+
+def test_no_progress_silences_every_bar(env, tmp_path, capsys, monkeypatch):
+    "--no-progress: no progress bar is shown by train, evaluate, ensemble, table1 or detect (every tqdm created is disabled)."
+    import tqdm.std
+    shown, real = [], tqdm.std.tqdm.__init__
+    def spy(self, *a, **k):
+        if not k.get('disable', False): shown.append(k.get('desc'))
+        real(self, *a, **k)
+    monkeypatch.setattr(tqdm.std.tqdm, '__init__', spy)
+    runs, data = tmp_path / 'runs', str(env['root'] / 'mri.npz')
+    small = [x for k, v in SMALL.items() if k != 'max_steps' for x in ('--set', f'{k}={v}')]
+    for f in (0, 1):
+        code, err = run_cli(['train', TS, '--fold', f, '--runs', runs, '--max-steps', 2, '--no-progress', '--set', f'train_data="{data}"',
+                             '--set', f'val_data="{data}"', *small], capsys)
+        assert code == 0, err
+        code, err = run_cli(['evaluate', TS, '--fold', f, '--runs', runs, '--test-images', 6, '--num-steps', 2, '--no-progress'], capsys)
+        assert code == 0, err
+    for argv in (['ensemble', TS, '--folds', '0,1', '--runs', runs, '--no-progress'],
+                 ['table1', '--testsets', TS, '--folds', '0,1', '--runs', runs, '--out', tmp_path / 'pf', '--test-images', 6, '--no-progress'],
+                 ['detect', env['nii'], '--run', runs / 'phantom-brain-t1' / 'tiny', '--out', tmp_path / 'd', '--num-steps', 2, '--no-progress']):
+        code, err = run_cli(argv, capsys)
+        assert code == 0 and err == '', err
+    assert shown == [], shown
