@@ -523,11 +523,12 @@ def test_no_progress_silences_every_bar(env, tmp_path, capsys, monkeypatch):
         real(self, *a, **k)
     monkeypatch.setattr(tqdm.std.tqdm, '__init__', spy)
     runs, data = tmp_path / 'runs', str(env['root'] / 'mri.npz')
+    shutil.copytree(env['runs'], runs, symlinks=True, ignore=shutil.ignore_patterns('phantom-fundus', 'phantom-brain-t2', 'eval', 'ensemble'))
     small = [x for k, v in SMALL.items() if k != 'max_steps' for x in ('--set', f'{k}={v}')]
+    code, err = run_cli(['train', TS, '--fold', 0, '--runs', runs, '--max-steps', 3, '--no-progress', '--set', f'train_data="{data}"',
+                         '--set', f'val_data="{data}"', *small], capsys)  # resumes: one more step
+    assert code == 0, err
     for f in (0, 1):
-        code, err = run_cli(['train', TS, '--fold', f, '--runs', runs, '--max-steps', 2, '--no-progress', '--set', f'train_data="{data}"',
-                             '--set', f'val_data="{data}"', *small], capsys)
-        assert code == 0, err
         code, err = run_cli(['evaluate', TS, '--fold', f, '--runs', runs, '--test-images', 6, '--num-steps', 2, '--no-progress'], capsys)
         assert code == 0, err
     for argv in (['ensemble', TS, '--folds', '0,1', '--runs', runs, '--no-progress'],
