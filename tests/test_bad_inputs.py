@@ -383,7 +383,7 @@ def test_killed_reproduce_then_a_second_one(env, tmp_path):
     data = str(env['root'] / 'mri.npz')
     args = ['reproduce', '--testsets', TS, '--folds', '0,1', '--test-images', 6, '--num-steps', 2, '--runs', runs, '--out', tmp_path / 'pf',
             '--set', f'train_data="{data}"', '--set', f'val_data="{data}"', '--set', 'batch_size=2', '--set', 'val_batch_size=2',
-            '--set', 'log_every=1', '--set', 'checkpoint_every=5', '--no-progress']
+            '--set', 'log_every=1', '--set', 'checkpoint_every=5', '--no-progress']  # the second run: --max-steps 2, reached already: it only resumes, evaluates, ensembles
     env_vars = dict(os.environ, OMP_NUM_THREADS='1')
     a = subprocess.Popen(cmd + [str(x) for x in args] + ['--max-steps', '100000'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=env_vars, start_new_session=True)
@@ -400,7 +400,7 @@ def test_killed_reproduce_then_a_second_one(env, tmp_path):
     assert a.pid not in workers and all(_pid_alive(p) for p in workers)
     os.kill(a.pid, signal.SIGKILL); a.wait()
     # at once a second reproduce: the orphans (if still alive) hold the folds: refused naming the holder, or it runs after them
-    b = subprocess.run(cmd + [str(x) for x in args] + ['--max-steps', '12'], capture_output=True, text=True, env=env_vars, timeout=300)
+    b = subprocess.run(cmd + [str(x) for x in args] + ['--max-steps', '2'], capture_output=True, text=True, env=env_vars, timeout=300)
     assert b.returncode in (0, 2), b.stderr
     print(f"second reproduce right after the kill: exit {b.returncode}")
     if b.returncode == 2: assert 'in use by another process' in b.stderr and 'pid' in b.stderr, b.stderr
@@ -409,7 +409,7 @@ def test_killed_reproduce_then_a_second_one(env, tmp_path):
     alive = [p for p in workers if _pid_alive(p)]
     assert not alive, f"orphan workers still running: {alive}"
     if b.returncode == 2:  # the orphans are gone now: a third run completes
-        c = subprocess.run(cmd + [str(x) for x in args] + ['--max-steps', '12'], capture_output=True, text=True, env=env_vars, timeout=300)
+        c = subprocess.run(cmd + [str(x) for x in args] + ['--max-steps', '2'], capture_output=True, text=True, env=env_vars, timeout=300)
         assert c.returncode == 0, c.stderr
     for d in folds:
         steps = [r['step'] for r in read_log(d) if 'loss' in r]
