@@ -16,14 +16,17 @@ from .report import (TESTSETS, PHANTOM_TESTSETS, TABLE1_COLUMNS, get_testset, Ou
                             save_figure3)
 from .data import (SliceSet, get_dataset, read_nifti, crop_square, zero_small, resize_slices, to_model_space,
                           from_model_space, load_fundus, resize_center_crop, atomic_write)
+from .checks import (BadInput, check_int, check_float, check_choice, check_device, check_out_dir, check_in_dir,
+                            check_in_file, cli_flag, os_error_message, FolderLock, LockHeld, die_with_parent)
 
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'PAIRED', 'NIFTI_SUFFIXES', 'IMAGE_SUFFIXES', 'family_dir', 'fold_dir', 'eval_dir', 'ensemble_dir',
-           'ReproduceConfig', 'parse_folds', 'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold',
-           'load_testset', 'subsample', 'evaluate', 'ensemble_folds', 'git_commit', 'collect_results', 'make_table1',
-           'figure3_panels', 'make_figure3', 'machine_info', 'package_versions', 'write_manifest', 'reproduce',
-           'VolumeGeometry', 'volume_to_slices', 'slices_to_volume', 'load_ensemble', 'ensemble_restore',
-           'detect_outputs', 'detect', 'build_parser', 'main']
+           'ReproduceConfig', 'parse_folds', 'check_train_overrides', 'fold_family', 'check_same_family',
+           'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold', 'load_testset', 'subsample',
+           'evaluate', 'ensemble_folds', 'git_commit', 'collect_results', 'make_table1', 'figure3_panels',
+           'make_figure3', 'machine_info', 'package_versions', 'write_manifest', 'reproduce', 'VolumeGeometry',
+           'volume_to_slices', 'slices_to_volume', 'load_ensemble', 'ensemble_restore', 'detect_outputs', 'detect',
+           'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #7bb4459c
 def family_dir(runs, # root of the run folders
@@ -86,6 +89,10 @@ class ReproduceConfig:
     threads: int|None = 1  # torch CPU threads per job (fixed, so the numbers do not depend on `jobs`; None: leave as is)
 
     def __post_init__(self):
+        self.device = check_device('device', self.device, available=False)  # a config may be written for another machine
+        check_out_dir('out', self.out); check_out_dir('runs', self.runs)
+        if self.data_root is not None: check_in_dir('data_root', self.data_root)
+        check_train_overrides(self.train_overrides, 'train_overrides', {'seed': '--train-seed (seed)'})
         if isinstance(self.testsets, str): self.testsets = (self.testsets,)
         self.testsets = tuple(get_testset(t).name for t in self.testsets)
         if not self.testsets: raise ValueError("testsets is empty: name at least one test set")
@@ -95,18 +102,11 @@ class ReproduceConfig:
         d = RUN_DEFAULTS[self.preset]
         for k in ('max_steps', 'sampler', 'num_steps', 'eval_batch_size'):
             if getattr(self, k) is None: setattr(self, k, d[k])
-        for k in ('max_steps', 'num_steps', 'eval_batch_size', 'test_images', 'n_examples'):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{k} must be a positive int, got {v!r}")
-        for k in ('jobs', 'threads'):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{k} must be a positive int or None, got {v!r}")
-        if self.test_images is not None and self.test_images < 2: raise ValueError(f"test_images must be >= 2 (both classes), got {self.test_images}")
-        if self.sampler not in ('ddpm', 'ddim'): raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
-        for k in ('seed', 'eval_seed', 'data_seed'):
-            if not isinstance(getattr(self, k), (int, np.integer)) or getattr(self, k) < 0: raise ValueError(f"{k} must be an int >= 0, got {getattr(self, k)!r}")
+        for k in ('max_steps', 'num_steps', 'eval_batch_size', 'n_examples'): check_int(k, getattr(self, k), 1, none=k == 'max_steps')
+        for k in ('jobs', 'threads'): check_int(k, getattr(self, k), 1, none=True)
+        check_int('test_images', self.test_images, 2, none=True)  # both classes
+        check_choice('sampler', self.sampler, ('ddpm', 'ddim'))
+        for k in ('seed', 'eval_seed', 'data_seed'): check_int(k, getattr(self, k), 0)
         if not isinstance(self.from_scratch, bool): raise ValueError(f"from_scratch must be True or False, got {self.from_scratch!r}")
         if self.from_scratch: self.train_overrides = {**self.train_overrides, 'init_weights': None}
         reals = [t for t in self.testsets if TESTSETS[t].data == 'real']
@@ -138,6 +138,60 @@ def parse_folds(spec) -> list:
     if not out: raise ValueError(f"no folds in {spec!r}")
     if len(set(out)) != len(out): raise ValueError(f"a fold is repeated in {spec!r}")
     return out
+
+# %% ../nbs/10_cli.ipynb #b1efb56e
+_OWN_OPTION = {'seed': 'seed', 'max_steps': 'max_steps', 'fold': 'fold', 'device': 'device', 'data_root': 'data_root',
+               'preset': 'preset'}  # TrainConfig fields that have their own option (the CLI spells them as flags)
+_FAMILY_FIELDS = ('dataset', 'sequence')  # set by the test set's model family
+
+def check_train_overrides(over:dict, # TrainConfig overrides (`--set KEY=VALUE`, `train_overrides`)
+                          name:str='set', # the option that carries them
+                          flags:dict|None=None, # how this entry point spells the own options (default: '--' + name)
+                         ) -> dict:
+    "Refuse overrides of fields that have their own option or that the model family fixes; unknown fields are refused by TrainConfig."
+    from condiff.train import TrainConfig
+    if not isinstance(over, dict): raise BadInput(name, over, 'a dict of TrainConfig fields')
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in over:
+        if k in _OWN_OPTION: raise BadInput(name, f"{k}={over[k]!r}", f"any TrainConfig field except {sorted(_OWN_OPTION)} and "
+                                            f"{list(_FAMILY_FIELDS)}", f"{k} has its own option: use {(flags or {}).get(k) or cli_flag(_OWN_OPTION[k])}")
+        if k in _FAMILY_FIELDS: raise BadInput(name, f"{k}={over[k]!r}", 'a field the test set does not fix',
+                                               f"{k} is fixed by the test set's model family")
+        if k not in known: raise BadInput(name, k, f"a TrainConfig field: {', '.join(sorted(known - set(_OWN_OPTION) - set(_FAMILY_FIELDS)))}",
+                                          'unknown TrainConfig field')
+    return over
+
+def fold_family(run_dir) -> dict:
+    "The model family a trained fold belongs to: dataset, sequence, preset (config.json), modality, channels, data fingerprint (checkpoint)."
+    from condiff.train import TrainConfig
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_json(run_dir / 'config.json')
+    fam = dict(dataset=cfg.dataset, sequence=cfg.sequence, preset=cfg.preset)
+    ck = run_dir / 'checkpoints' / _which(run_dir) / 'meta.json'
+    try: meta = json.loads(ck.read_text())
+    except (OSError, ValueError): meta = {}
+    fam.update(modality=meta.get('modality'), img_channels=meta.get('img_channels'), data=(meta.get('family') or {}).get('data'))
+    return fam
+
+def _fam_str(f:dict) -> str:
+    return f"{f['dataset']}{'-' + f['sequence'] if f.get('sequence') else ''}/{f['preset']}" + \
+           (f" ({f['modality']}, {f['img_channels']} ch)" if f.get('modality') else '')
+
+def check_same_family(run_dirs, # fold run folders
+                      expected:dict|None=None, # e.g. {'dataset':, 'sequence':, 'preset':} of the test set's family
+                     ) -> dict: # the family
+    "Refuse folds that belong to different model families (or not to `expected`), naming the odd fold."
+    fams = [(Path(d), fold_family(d)) for d in run_dirs]
+    ref = dict(expected) if expected is not None else fams[0][1]
+    for d, f in fams:
+        diff = [k for k in ref if k in f and ref[k] is not None and f[k] is not None and f[k] != ref[k]]
+        if diff:
+            want = ', '.join(f"{k}={ref[k]!r}" for k in diff); have = ', '.join(f"{k}={f[k]!r}" for k in diff)
+            raise ValueError(f"fold {d.name} ({d}) belongs to another model family: {have} where "
+                             f"{'the test set needs' if expected is not None else 'fold ' + fams[0][0].name + ' has'} {want}; "
+                             f"folds of different families cannot be evaluated or ensembled together")
+        if expected is None: ref = {**{k: v for k, v in f.items() if v is not None}, **{k: v for k, v in ref.items() if v is not None}}
+    return ref
 
 # %% ../nbs/10_cli.ipynb #46c0b476
 def train_config(testset:str, # names the model family (its training set)
@@ -217,6 +271,10 @@ def subsample(ss:SliceSet, n:int) -> SliceSet:
     out.meta['subsample'] = dict(n=int(n), of=len(ss))
     return out
 
+def _rank0_lock(folder, what):
+    from contextlib import nullcontext
+    return FolderLock(folder, what) if int(os.environ.get('RANK', '0')) == 0 else nullcontext()
+
 def _which(run_dir) -> str:
     return 'best' if (Path(run_dir) / 'checkpoints' / 'best').exists() else 'latest'
 
@@ -231,14 +289,26 @@ def evaluate(testset:str, # a TESTSETS name
              progress:bool=True, **load_kw) -> dict:
     "Evaluate one trained fold on one test set: maps, scores and metrics under `eval_dir(...)`."
     from condiff.inference import evaluate_fold
-    d = RUN_DEFAULTS.get(preset, RUN_DEFAULTS['paper'])
+    ts = get_testset(testset)
+    fold = check_int('fold', fold, 0, 9); check_choice('preset', preset, sorted(RUN_DEFAULTS))
+    device = check_device('device', device) if device is not None else None
+    sampler = check_choice('sampler', sampler, ('ddpm', 'ddim'), none=True)
+    num_steps, batch_size = check_int('num_steps', num_steps, 1, none=True), check_int('batch_size', batch_size, 1, none=True)
+    seed = check_int('seed', seed, 0)
+    if load_kw.get('test_images') is not None: check_int('test_images', load_kw['test_images'], 2)
+    check_out_dir('runs', runs)  # not a file; results are written under it
+    d = RUN_DEFAULTS[preset]
     rd = fold_dir(runs, testset, preset, fold)
-    if not (rd / 'config.json').is_file(): raise FileNotFoundError(f"{rd}: fold {fold} of {get_testset(testset).family} "
+    if not (rd / 'config.json').is_file(): raise FileNotFoundError(f"{rd}: fold {fold} of {ts.family} "
                                                                    f"({preset}) is not trained; run `condiff train` first")
-    ss = data if data is not None else load_testset(testset, preset=preset, **load_kw)
-    return evaluate_fold(rd, ss, eval_dir(runs, testset, preset, fold), sampler=sampler or d['sampler'],
-                         num_steps=num_steps or d['num_steps'], seed=seed, batch_size=batch_size or d['eval_batch_size'],
-                         device=device, which=_which(rd), progress=progress)
+    check_same_family([rd], dict(dataset=ts.train[0], sequence=ts.train[1], preset=preset))  # e.g. a T1 fold copied into a T2 family
+    ss = data if data is not None else load_testset(testset, preset=preset, progress=progress, **load_kw)
+    out = eval_dir(runs, testset, preset, fold)
+    with _rank0_lock(out, 'evaluation folder'):  # one writer per result folder (under torchrun rank 0 holds it for all)
+        return evaluate_fold(rd, ss, out, sampler=sampler if sampler is not None else d['sampler'],
+                             num_steps=num_steps if num_steps is not None else d['num_steps'], seed=seed,
+                             batch_size=batch_size if batch_size is not None else d['eval_batch_size'],
+                             device=device, which=_which(rd), progress=progress)
 
 def ensemble_folds(testset:str, # a TESTSETS name
                    folds=tuple(range(10)), # the folds to average
@@ -247,12 +317,17 @@ def ensemble_folds(testset:str, # a TESTSETS name
                    **load_kw) -> dict: # `load_testset` options (data_seed, test_images) of the evaluated test set
     "Average the folds' maps on `testset` (`condiff.inference.ensemble`) and store the ensemble's metrics."
     from condiff.inference import ensemble
-    dirs = [eval_dir(runs, testset, preset, f) for f in parse_folds(folds)]
+    ts = get_testset(testset); check_choice('preset', preset, sorted(RUN_DEFAULTS)); check_out_dir('runs', runs)
+    fl = parse_folds(folds)
+    dirs = [eval_dir(runs, testset, preset, f) for f in fl]
     missing = [str(d) for d in dirs if not (d / 'metrics.json').is_file()]
     if missing: raise FileNotFoundError(f"fold evaluations missing for the ensemble on {testset}: {missing}")
-    modality = 'RF' if get_testset(testset).column == 'DDR' else 'MRI'
-    if data is None and TESTSETS[get_testset(testset).name].data == 'phantom': data = load_testset(testset, preset=preset, **load_kw)
-    return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress, testset=data)
+    check_same_family([fold_dir(runs, testset, preset, f) for f in fl], dict(dataset=ts.train[0], sequence=ts.train[1], preset=preset))
+    check_same_family([fold_dir(runs, testset, preset, f) for f in fl])  # the same data fingerprint, channels, modality
+    modality = 'RF' if ts.column == 'DDR' else 'MRI'
+    if data is None and TESTSETS[ts.name].data == 'phantom': data = load_testset(testset, preset=preset, progress=progress, **load_kw)
+    with _rank0_lock(ensemble_dir(runs, testset, preset), 'ensemble folder'):
+        return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress, testset=data)
 
 # %% ../nbs/10_cli.ipynb #cb79fdd4
 def git_commit(short:bool=False) -> str|None:
@@ -271,6 +346,22 @@ def _read_json(p:Path, what:str) -> dict:
     try: return json.loads(p.read_text())
     except ValueError as e: raise ValueError(f"{p}: unreadable {what} ({e})") from e
 
+def _ensemble_folds(ens:dict) -> list|None:
+    "The fold numbers a stored ensemble was built from (None if it does not say)."
+    names = ens.get('folds') or [Path(p['dir']).parts[-3] for p in ens.get('per_fold', []) if p.get('dir')]
+    try: return sorted(int(str(n).removeprefix('fold')) for n in names) if names else None
+    except ValueError: return None
+
+def _check_ensemble_folds(ens:dict, folds, testset:str, where):
+    "Refuse a stored ensemble built from other folds than the ones asked for (a table must not mislabel its source)."
+    have, want = _ensemble_folds(ens), sorted(parse_folds(folds))
+    if have is None: raise ValueError(f"{where}: the stored ensemble on {testset} does not record its folds; "
+                                      f"re-run `condiff ensemble {testset} --folds {','.join(map(str, want))}`")
+    if have != want:
+        raise ValueError(f"{where}: the stored ensemble on {testset} was built from folds {','.join(map(str, have))}, not the requested "
+                         f"--folds {','.join(map(str, want))}; run `condiff ensemble {testset} --folds {','.join(map(str, want))}` "
+                         f"first, or ask for --folds {','.join(map(str, have))}")
+
 def collect_results(testsets, # TESTSETS names
                     preset:str='tiny', folds=tuple(range(10)), runs='runs',
                     controls:bool|None=None, # compute the Intensity control (None: for phantom test sets only)
@@ -280,6 +371,7 @@ def collect_results(testsets, # TESTSETS names
     out = []
     for t in testsets:
         ens = _read_json(ensemble_dir(runs, t, preset) / 'metrics.json', f"ensemble metrics for {t}")
+        _check_ensemble_folds(ens, folds, t, ensemble_dir(runs, t, preset))
         fm = {f: _read_json(eval_dir(runs, t, preset, f) / 'metrics.json', f"fold {f} metrics for {t}") for f in parse_folds(folds)}
         f0 = next(iter(fm.values()))
         rnd = None
@@ -322,6 +414,7 @@ def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str='tiny', folds=tuple(ran
         if missing: raise FileNotFoundError(f"{t}: not evaluated yet ({missing[0]}{' and more' if len(missing) > 1 else ''}); "
                                              "run `condiff evaluate` and `condiff ensemble` (or `condiff reproduce`) first")
         ens = read_eval(ensemble_dir(runs, t, preset))
+        _check_ensemble_folds({'folds': [Path(d).parts[-3] for d in ens['meta'].get('folds', [])]}, folds, t, ensemble_dir(runs, t, preset))
         ids, masks = ens['ids'], ens['masks']
         partner = PAIRED.get(ts.name)
         if partner in chosen and all(i in set(ids) for i in chosen[partner]):
@@ -414,7 +507,8 @@ def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done):
         return
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
-    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as ex:
+    # workers die with this process (even after `kill -9`): no orphan goes on training a fold
+    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn'), initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
         futs = {ex.submit(_work, kind, kw, threads, False): label for kind, kw, label in steps}
         try:
             for fu in as_completed(futs): on_done(futs[fu], fu.result())
@@ -428,6 +522,11 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
              ) -> dict: # the manifest
     "Train every fold of every needed family, evaluate, ensemble, then write Table 1, Figure 3 and the manifest."
     cfg = config or ReproduceConfig()
+    check_device('device', cfg.device)  # before any work: a missing GPU is a message, not a late traceback
+    with FolderLock(cfg.runs, 'reproduce run folder'):  # one reproduce per run folder; each fold is locked by its trainer
+        return _reproduce(cfg, progress, log)
+
+def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
     say = log or (lambda *a, **k: None)
     t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}
     fams = {}
@@ -451,8 +550,8 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
             if tc.train_data is None or tc.val_data is None:
                 for split in ('train', 'val'):  # the same call (data seed, size) as the Trainer's, so its cache is used
                     get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.data_seed, cache_dir=tc.cache_dir,
-                                **({} if tc.image_size is None else dict(size=tc.image_size)))
-        for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed, preset=cfg.preset)
+                                progress=progress, **({} if tc.image_size is None else dict(size=tc.image_size)))
+        for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed, preset=cfg.preset, progress=progress)
         stage('data', ts0); bar.update(1)
         # 1. train every fold of every family
         ts0 = time.perf_counter()
@@ -493,18 +592,18 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
         commit = git_commit()
         ts0 = time.perf_counter()
         tab = make_table1(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, commit, data_root=cfg.data_root,
-                          data_seed=cfg.data_seed, test_images=cfg.test_images)
+                          data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
         stage('table1', ts0); bar.update(1); say(f"table 1: {', '.join(str(p) for p in tab.values())}")
         ts0 = time.perf_counter()
         fig = make_figure3(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, cfg.n_examples,
-                           data_root=cfg.data_root, data_seed=cfg.data_seed, test_images=cfg.test_images)
+                           data_root=cfg.data_root, data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
         stage('figure3', ts0); bar.update(1); say(f"figure 3: {', '.join(str(p) for p in fig.values())}")
     finally: bar.close()
     skipped['train'].sort(key=lambda l: [x for _, _, x in tsteps].index(l))
     results = {r.testset: dict(ensemble=r.ensemble, random=r.random, intensity_control=r.control, n_images=r.n_images,
                                folds={str(f): m for f, m in r.folds.items()}, restoration=r.to_dict()['restoration'])
                for r in collect_results(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, data_root=cfg.data_root,
-                                        data_seed=cfg.data_seed, test_images=cfg.test_images)}
+                                        data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)}
     man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                wall_s=round(time.perf_counter() - t0, 1), stage_wall_s=stages, skipped=skipped,
                resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads,
@@ -577,6 +676,7 @@ def load_ensemble(run, # a family folder (holding fold*/) or one fold's run fold
         want = {f"fold{f}" for f in parse_folds(folds)}
         dirs = [d for d in dirs if d.name in want or d == run]
     if not dirs: raise FileNotFoundError(f"{run}: no trained fold here (expected fold*/config.json or config.json)")
+    if len(dirs) > 1: check_same_family(dirs)  # e.g. T1 and T2 folds mixed: refused, naming the odd fold
     out = []
     for d in dirs:
         model, cfg = load_model(d, which=_which(d), device=device)
@@ -636,15 +736,21 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
            out_dir=None, # where to write (default: next to the input)
            device='cpu', seed:int=0,
            sampler:str|None=None, num_steps:int|None=None, # None: as `reproduce` evaluates the run's preset (RUN_DEFAULTS)
-           batch_size:int=16,
+           batch_size:int|None=None, # images per UNet call (None: 16)
            folds=None, # restrict to these folds
            zero_below:float=1e-4, # NIfTI: values below this are background (official 1e-4; ATLAS data 0.1)
            overwrite:bool=False, # replace existing outputs
            progress:bool=True) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
-    path = Path(path)
+    path = check_in_file('input', path)
+    device, seed = check_device('device', device), check_int('seed', seed, 0)
+    sampler = check_choice('sampler', sampler, ('ddpm', 'ddim'), none=True)
+    num_steps = check_int('num_steps', num_steps, 1, none=True)
+    batch_size = check_int('batch_size', batch_size, 1, none=True) or 16
+    zero_below = check_float('zero_below', zero_below, lo=0)  # NaN would zero nothing and make every map 0
+    if folds is not None: folds = parse_folds(folds)
+    if out_dir is not None: check_out_dir('out', out_dir)
     outs = detect_outputs(path, out_dir)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: input file not found")
     clash = [str(p) for p in outs.values() if p.exists()]
     if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
     nifti = _stem_suffix(path)[1] in NIFTI_SUFFIXES
@@ -652,15 +758,30 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
         data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
         try: slices, geo = volume_to_slices(data, zero_below=zero_below)
         except ValueError as e: raise ValueError(f"{path}: {e}") from e
+        rng_in = dict(dtype=str(data.dtype), min=float(np.nanmin(data)), max=float(np.nanmax(data)))
+        warn = []
+        if rng_in['min'] < 0:  # the models saw [0, 1] slices with background 0 (skull-stripped, min-max scaled)
+            warn.append(f"{path}: the volume has negative values (min {rng_in['min']:.4g}, "
+                        f"{float((data < 0).mean()):.1%} of voxels); the models were trained on non-negative intensities with "
+                        f"background 0: values below --zero-below {zero_below:g} were treated as background. Is it skull-stripped "
+                        f"and scaled like the training data (not CT, not z-scored)?")
     else:
         from PIL import Image
+        from condiff.data import image_range
         slices = load_fundus(path)[None]  # a clear ValueError for corrupt files, before any model runs
-        with Image.open(path) as im: photo = np.asarray(im.convert('RGB'))
+        rng_in, warn = image_range(path), []
+        with Image.open(path) as im:
+            if rng_in['bits'] > 8:  # the photograph at 8 bits for the restoration output, scaled by its true bit depth
+                g = np.asarray(im, dtype=np.float64) / (2 ** rng_in['bits'] - 1 if rng_in['bits'] < 32 else 1)
+                photo = np.repeat((np.clip(g, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+            else: photo = np.asarray(im.convert('RGB'))
+    for w in warn: warnings.warn(w, RuntimeWarning)
     modality = 'MRI' if nifti else 'RF'
     models = load_ensemble(run, device, folds)
     _check_run_modality(models, modality, path)
     d = RUN_DEFAULTS.get(models[0][2].preset, RUN_DEFAULTS['paper'])
-    sampler, num_steps = sampler or d['sampler'], num_steps or d['num_steps']
+    sampler = sampler if sampler is not None else d['sampler']
+    num_steps = num_steps if num_steps is not None else d['num_steps']
     size = getattr(models[0][1], 'meta', {}).get('image_size')
     if size is not None and tuple(size) != tuple(slices.shape[-2:]):
         raise ValueError(f"the run's models were trained on {tuple(size)} images; detect prepares {tuple(slices.shape[-2:])}")
@@ -700,7 +821,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
         for p in written: p.unlink(missing_ok=True)
         raise
     return dict(outs, fold=models[best][0], n_folds=len(models), slices=int(len(keep)), modality=modality,
-                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()))
+                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn)
 
 def _fundus_box(W:int, H:int, size:int=128) -> tuple:
     "(left, top, right, bottom) of the original photograph that `resize_center_crop` keeps."
@@ -832,22 +953,30 @@ def main(argv=None):
     progress = not getattr(a, 'no_progress', False)
     try:
         if a.command == 'train':
-            cfg = train_config(a.testset, a.fold, a.preset, a.device, a.seed, a.max_steps, a.data_root, **_parse_sets(a.set))
+            sets = check_train_overrides(_parse_sets(a.set), 'set')
+            check_int('fold', a.fold, 0, 9); check_int('max_steps', a.max_steps, 1, none=True); check_int('seed', a.seed, 0)
+            check_device('device', a.device); check_out_dir('runs', a.runs)
+            if a.data_root is not None: check_in_dir('data_root', a.data_root)
+            cfg = train_config(a.testset, a.fold, a.preset, a.device, a.seed, a.max_steps, a.data_root, **sets)
             rd, was = train_fold(cfg, a.runs, progress)
             print(json.dumps(dict(run_dir=str(rd), skipped=was, **run_status(rd)), default=str))
         elif a.command == 'evaluate':
             m = evaluate(a.testset, a.fold, a.preset, a.runs, a.device, a.sampler, a.num_steps, a.batch_size, a.seed,
                          progress=progress, data_root=a.data_root, test_images=a.test_images)
-            print(json.dumps({k: m.get(k) for k in ('testset', 'AP_i', 'AUROC', 'AP_p', 'max_Dice', 'n_images', 'sampler', 'num_steps')}))
+            print(json.dumps({k: m.get(k) for k in ('testset', 'AP_i', 'AUROC', 'AP_p', 'max_Dice', 'n_images', 'sampler', 'num_steps',
+                                                    'recovered') if k in m or k != 'recovered'}))
         elif a.command == 'ensemble':
             e = ensemble_folds(a.testset, a.folds, a.preset, a.runs, progress)
             print(json.dumps({k: e.get(k) for k in ('testset', 'AP_i', 'AUROC', 'AP_p', 'max_Dice', 'n_folds', 'n_images')}))
         elif a.command == 'table1':
+            check_in_dir('runs', a.runs); check_out_dir('out', a.out); check_int('test_images', a.test_images, 2, none=True)
             for p in make_table1(a.testsets, a.preset, a.folds, a.runs, a.out, data_root=a.data_root,
-                                 test_images=a.test_images).values(): print(p)
+                                 test_images=a.test_images, progress=progress).values(): print(p)
         elif a.command == 'figure3':
+            check_in_dir('runs', a.runs); check_out_dir('out', a.out); check_int('test_images', a.test_images, 2, none=True)
+            check_int('n_examples', a.examples, 1, 8)
             for p in make_figure3(a.testsets, a.preset, a.folds, a.runs, a.out, a.examples, data_root=a.data_root,
-                                  test_images=a.test_images).values(): print(p)
+                                  test_images=a.test_images, progress=progress).values(): print(p)
         elif a.command == 'reproduce':
             cfg = ReproduceConfig(testsets=tuple(a.testsets), preset=a.preset, folds=a.folds, device=a.device, runs=a.runs,
                                   out=a.out, seed=a.train_seed, eval_seed=a.seed, data_root=a.data_root,
@@ -862,13 +991,22 @@ def main(argv=None):
             torch.set_num_threads(a.threads)
             print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, progress=progress))
         elif a.command == 'detect':
-            r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size or 16,
+            r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size,
                        a.folds, a.zero_below, a.overwrite, progress)
             print(json.dumps(r, default=str))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except BadInput as e:  # the shared rules (condiff.checks), with the option spelled as this command's flag
+        P.exit(2, f"{prog}: error: {e.message(_FLAGS.get(a.command, {}).get(e.option) or cli_flag(e.option))}\n")
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:  # refused: bad input, missing step, held lock
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         P.exit(2, f"{prog}: error: {msg}\n")
+    except OSError as e:  # disk full, read-only, a folder where a file should be...: one line naming the path
+        P.exit(1, f"{prog}: error: {os_error_message(e)}\n")
     return 0
+
+# how each command spells the API names of `BadInput.option` (default: '--' + name with '-')
+_FLAGS = {'reproduce': {'seed': '--train-seed', 'eval_seed': '--seed', 'eval_batch_size': '--batch-size', 'n_examples': '--examples',
+                        'train_overrides': '--set'},
+          'figure3': {'n_examples': '--examples'}, 'detect': {'input': 'INPUT', 'out_dir': '--out'}}
 
 # %% ../nbs/10_cli.ipynb #bbec99fa
 def _in_ipython() -> bool:

@@ -22,8 +22,8 @@ __all__ = ['log', 'MODALITIES', 'TEST_SPLITS', 'ANOMAL_SPLIT', 'PREPROC_VERSION'
            'atomic_write', 'save_sliceset', 'load_sliceset', 'volume_of', 'summarise', 'nifti_stem', 'read_nifti',
            'read_volume', 'select_slices', 'crop_square', 'zero_small', 'resize_slices', 'scale_to_unit', 'binarise',
            'preprocess_volume', 'split_slices', 'split_volumes', 'load_volumes', 'find_volumes', 'load_folder',
-           'resize_center_crop', 'load_fundus', 'load_fundus_mask', 'ddr_files', 'load_ddr', 'split_ddr_test',
-           'default_cache_dir', 'get_dataset', 'register_to_atlas', 'prepare_dataset']
+           'resize_center_crop', 'load_fundus', 'image_bits', 'image_range', 'load_fundus_mask', 'ddr_files',
+           'load_ddr', 'split_ddr_test', 'default_cache_dir', 'get_dataset', 'register_to_atlas', 'prepare_dataset']
 
 # %% ../nbs/05_data.ipynb #4d40e692
 MODALITIES = ('MRI', 'RF')
@@ -111,6 +111,8 @@ def atomic_write(path, write_fn, suffix=''):
     os.close(fd)
     try:
         write_fn(tmp)
+        from condiff.checks import file_mode
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files: outputs get the one documented mode instead
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -439,9 +441,31 @@ def resize_center_crop(im, size:int=128, resample=None):
 
 def load_fundus(path, size:int=128) -> np.ndarray:
     "A fundus photograph as RGB 3×size×size float32 in [0, 1] (Lanczos resize of the shorter side, centre crop)."
+    from PIL import Image
     im = _open_image(path)
+    bits = image_bits(im)
+    if bits > 8:  # 16-bit (or float) greyscale: scaled by its true bit depth, not saturated by PIL's 8-bit conversion
+        a = np.asarray(im, dtype=np.float64)
+        a = a / (2 ** bits - 1) if bits < 32 else a
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"{path}: {im.mode} pixel values outside the {bits}-bit range [0, {2 ** bits - 1 if bits < 32 else 1}]")
+        g = np.asarray(resize_center_crop(Image.fromarray(a.astype(np.float32), 'F'), size), dtype=np.float32).clip(0, 1)
+        return np.repeat(g[None], 3, axis=0)
     if im.mode != 'RGB': im = im.convert('RGB')
     return np.asarray(resize_center_crop(im, size), dtype=np.float32).transpose(2, 0, 1) / 255
+
+def image_bits(im) -> int:
+    "Bits per sample of a PIL image: 8, 16 (modes I;16*, or I holding values < 2**16), 32 for float ('F')."
+    if im.mode.startswith('I;16'): return 16
+    if im.mode == 'I': return 16 if np.asarray(im).max() < 2 ** 16 and np.asarray(im).min() >= 0 else 31
+    if im.mode == 'F': return 32
+    return 8
+
+def image_range(path) -> dict:
+    "What an input photograph holds: PIL mode, bits per sample, raw min and max (recorded by `condiff detect`)."
+    im = _open_image(path)
+    a = np.asarray(im)
+    return dict(mode=im.mode, bits=image_bits(im), min=float(a.min()), max=float(a.max()))
 
 def load_fundus_mask(path, size:int=128, image_size=None) -> np.ndarray:
     "A 0/255 lesion mask as 1×size×size bool (nearest resize, centre crop); `image_size` (W, H) is checked if given."

@@ -50,7 +50,10 @@ class TensorFileWriter:
             if not s: raise ValueError(f"{self.path}: tensor {k!r} needs at least one dimension")
         # largest items first, so every tensor starts at an offset aligned to its item size (as safetensors does)
         order = sorted(self.spec, key=lambda k: (-self.spec[k][0].itemsize, k))
-        header, off = {'__metadata__': {'condiff': json.dumps(metadata or {})}}, 0
+        # per-tensor SHA-256 of the bytes, filled in at `close` (same length as this placeholder), checked by `TensorFile.verify`
+        header, off = {'__metadata__': {'condiff': json.dumps(metadata or {}),
+                                        'condiff_sha256': json.dumps({k: '0' * 64 for k in sorted(self.spec)})}}, 0
+        self._hash = {k: hashlib.sha256() for k in self.spec}
         self._off, self._row_bytes, self._rows = {}, {}, {}
         for k in order:
             d, s = self.spec[k]
@@ -60,6 +63,7 @@ class TensorFileWriter:
             off += nbytes
         hb = json.dumps(header, separators=(',', ':')).encode()
         hb += b' ' * (-len(hb) % 8)
+        self._header, self._hlen = header, len(hb)
         self._data_start, self._total = 8 + len(hb), off
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix='.tmp')
@@ -77,6 +81,7 @@ class TensorFileWriter:
         if a.shape[1:] != s[1:]: raise ValueError(f"{self.path}: rows of {name!r} have shape {a.shape[1:]}, declared {s[1:]}")
         if self._rows[name] + len(a) > s[0]: raise ValueError(f"{self.path}: too many rows for {name!r} ({s[0]} declared)")
         a = np.ascontiguousarray(a.astype(d, copy=False))
+        self._hash[name].update(memoryview(a).cast('B'))
         self._f.seek(self._data_start + self._off[name] + self._rows[name] * self._row_bytes[name])
         self._f.write(a.tobytes())
         self._rows[name] += len(a)
@@ -87,7 +92,14 @@ class TensorFileWriter:
         if missing:
             self.abort()
             raise ValueError(f"{self.path}: incomplete tensors (rows written/declared): {missing}")
+        self._header['__metadata__']['condiff_sha256'] = json.dumps({k: self._hash[k].hexdigest() for k in sorted(self.spec)})
+        hb = json.dumps(self._header, separators=(',', ':')).encode()
+        hb += b' ' * (self._hlen - len(hb))
+        assert len(hb) == self._hlen, 'header length changed'
+        self._f.seek(8); self._f.write(hb)
         self._f.flush(); os.fsync(self._f.fileno()); self._f.close()
+        from condiff.checks import file_mode
+        os.chmod(self._tmp, file_mode())  # mkstemp makes 0600 files: the one documented output mode instead
         os.replace(self._tmp, self.path)
         return self.path
 
@@ -123,6 +135,21 @@ class TensorFile:
         return self._f.get_slice(name)[start:stop]
 
     def __getitem__(self, name): return self.rows(name)
+
+    def verify(self, rows:int|None=None, # every tensor must have this many rows (None: not checked)
+               block:int=256, # rows hashed at a time (bounds memory)
+              ):
+        "Raise a ValueError unless every tensor is complete and equal to its recorded SHA-256 (files written before digests: shapes only)."
+        if rows is not None:
+            bad = {k: self.shape(k)[0] for k in self.keys() if self.shape(k)[0] != rows}
+            if bad: raise ValueError(f"{self.path}: tensors with the wrong number of rows {bad}, expected {rows}")
+        want = json.loads((self._f.metadata() or {}).get('condiff_sha256', '{}'))
+        if want and sorted(want) != sorted(self.keys()): raise ValueError(f"{self.path}: tensors {self.keys()} do not match the recorded {sorted(want)}")
+        for k, h in want.items():
+            sha, n = hashlib.sha256(), self.shape(k)[0]
+            for a in range(0, max(n, 1), block): sha.update(memoryview(np.ascontiguousarray(self.rows(k, a, min(a + block, n)))).cast('B'))
+            if sha.hexdigest() != h: raise ValueError(f"{self.path}: tensor {k!r} does not match its recorded SHA-256 (altered or corrupt)")
+        return self
     def close(self): self._f = None
     def __enter__(self): return self
     def __exit__(self, *_): self.close()
@@ -225,6 +252,7 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
 from .ssim import anomaly_map, anomaly_score
 from .metrics import StreamingMetrics, RestorationMeter
 from .train import load_model, weights_digest, resolve_device, _git_commit
+from .checks import quarantine
 
 EVAL_FORMAT = 2  # bump when the stored layout or the pipeline changes: older outputs are then recomputed (2: restoration quality)
 
@@ -263,13 +291,25 @@ def _write_json(path, obj):
     def w(tmp): Path(tmp).write_text(json.dumps(obj, indent=1, default=str))
     return atomic_write(path, w, suffix='.json')
 
-def _finished(out_dir, key):
-    "The stored metrics if `out_dir` holds a complete result with fingerprint `key`, else None."
+def _finished(out_dir, key, recovered:list|None=None):
+    "The stored metrics if `out_dir` holds a complete, verified result with fingerprint `key`, else None (a corrupt one is moved aside)."
     mj, mf = Path(out_dir)/'metrics.json', Path(out_dir)/'maps.safetensors'
     if not (mj.exists() and mf.exists()): return None
     try: m = json.loads(mj.read_text())
-    except (OSError, ValueError): return None
-    return m if m.get('key') == key else None
+    except (OSError, ValueError) as e: why, m = f"metrics.json is unreadable ({e})", None
+    else:
+        if m.get('key') != key: return None  # another configuration: recomputed and replaced, not corrupt
+        try:
+            with TensorFile(mf) as f:
+                if f.meta.get('key') != key: raise ValueError(f"{mf}: its fingerprint differs from metrics.json's")
+                f.verify(rows=m.get('n_images'))
+            return m
+        except (ValueError, OSError) as e: why = f"cached result is corrupt ({e})"
+    for p in (mf, mj):  # never reused: moved aside, recomputed, reported
+        if p.exists():
+            q = quarantine(p, why)
+            if recovered is not None: recovered.append(dict(file=str(p), moved_to=q.name, reason=why))
+    return None
 
 # %% ../nbs/08_inference.ipynb #6cf72fde
 import torch.distributed as dist
@@ -331,11 +371,18 @@ def _restore_part(model, testset, seeds, a, b, path, key, sampler, num_steps, et
         w.write('maps', maps); w.write('scores', scores)
         if save_restorations: w.write('restorations', rest)
 
-def _part_ok(path, key, a, b):
+def _part_ok(path, key, a, b, recovered:list|None=None):
+    "True if `path` is a complete, verified part a:b with fingerprint `key`; a corrupt part is moved aside (and recomputed)."
     if not path.exists(): return False
     try:
-        with TensorFile(path) as f: return f.meta.get('key') == key and (f.meta['start'], f.meta['stop']) == (a, b)
-    except (ValueError, KeyError, OSError): return False
+        with TensorFile(path) as f:
+            if f.meta.get('key') != key or (f.meta.get('start'), f.meta.get('stop')) != (a, b): return False  # stale: replaced
+            f.verify(rows=b - a)
+            return True
+    except (ValueError, KeyError, OSError) as e:
+        q = quarantine(path, f"corrupt part ({e})")
+        if recovered is not None: recovered.append(dict(file=str(path), moved_to=q.name, reason=str(e)))
+        return False
 
 # %% ../nbs/08_inference.ipynb #ccf14579
 def _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progress=True):
@@ -421,13 +468,14 @@ def evaluate_model(model, # a conditional UNet (e.g. from condiff.train.load_mod
               'sampler': _sampler_name(sampler), 'num_steps': int(num_steps), 'eta': float(eta) if sampler == 'ddim' else None,
               'seed': int(seed), 'precision': prec, 'save_restorations': bool(save_restorations)}
         key = _digest(json.dumps(fp, sort_keys=True))
-        done = _from_rank0(_finished(out_dir, key) if rank == 0 else None, world)  # rank 0 decides for all
+        recovered = []  # corrupt files found, moved aside and recomputed (reported in metrics.json)
+        done = _from_rank0(_finished(out_dir, key, recovered) if rank == 0 else None, world)  # rank 0 decides for all
         if done is not None: return done
         N = len(testset)
         seeds = slice_seeds(seed, testset.ids)
         parts = [(a, min(a + part_size, N)) for a in range(0, N, part_size)]
         pdir = out_dir/'parts'
-        todo = [(a, b) for a, b in parts[rank::world] if not _part_ok(pdir/f'{a:08d}-{b:08d}.safetensors', key, a, b)]
+        todo = [(a, b) for a, b in parts[rank::world] if not _part_ok(pdir/f'{a:08d}-{b:08d}.safetensors', key, a, b, recovered)]
         err = None
         try:
             with tqdm(total=sum(b - a for a, b in todo), desc=f'restore ({_sampler_name(sampler)}, {num_steps} steps)',
@@ -454,9 +502,11 @@ def evaluate_model(model, # a conditional UNet (e.g. from condiff.train.load_mod
                                      'wall_s': time.perf_counter() - t_start,
                                      'note': 'restore_s sums all parts: device-seconds over ranks and resumed runs'},
                           'key': key, 'fingerprint': fp, 'provenance': _provenance(device)}
+                if recovered: result['recovered'] = recovered
                 _write_json(out_dir/'metrics.json', result)
-                for p in pdir.glob('*'): p.unlink()
-                pdir.rmdir()
+                for p in pdir.glob('*'):
+                    if '.corrupt-' not in p.name: p.unlink()
+                if not any(pdir.iterdir()): pdir.rmdir()
             except Exception as e: err = e
         _sync(world, err)
         return json.loads((out_dir/'metrics.json').read_text())
@@ -521,8 +571,13 @@ def _fold_sources(fold_eval_dirs, modality):
         if not d.is_dir(): raise FileNotFoundError(f"fold evaluation folder {d} does not exist")
         if not (d/'maps.safetensors').exists(): raise FileNotFoundError(f"{d}: no maps.safetensors (run evaluate_fold first)")
         if not (d/'metrics.json').exists(): raise FileNotFoundError(f"{d}: no metrics.json (evaluation unfinished?)")
-        f = TensorFile(d/'maps.safetensors')
-        m = json.loads((d/'metrics.json').read_text())
+        try:
+            f = TensorFile(d/'maps.safetensors')
+            m = json.loads((d/'metrics.json').read_text())
+            f.verify(rows=len(f.meta.get('ids', [])) if 'ids' in f.meta else None)
+        except ValueError as e:
+            raise ValueError(f"fold {d}: its stored result is corrupt ({e}); run evaluate for this fold again "
+                             f"(it moves the bad file aside and recomputes)") from None
         if m.get('key') != f.meta.get('key'):
             raise ValueError(f"{d}: metrics.json does not belong to maps.safetensors (fingerprints differ); re-run evaluate_fold")
         files.append(f); fold_metrics.append(m)
@@ -568,7 +623,8 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
     dirs, files, fold_metrics = _fold_sources(fold_eval_dirs, modality)
     out_dir, ref, F = Path(out_dir), files[0], len(files)
     key = _digest('ensemble', EVAL_FORMAT, modality, *[f.meta['key'] for f in files], testset is not None)
-    done = _finished(out_dir, key)
+    recovered = []
+    done = _finished(out_dir, key, recovered)
     if done is not None: return done
     N, _, H, W = ref.shape('maps')
     has_masks = 'masks' in ref
@@ -612,6 +668,10 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
               'samplers': sorted({f"{m.get('sampler')}/{m.get('num_steps')}" for m in fold_metrics}),
               'timing': {'ensemble_wall_s': time.perf_counter() - t0,
                          'folds_restore_s': float(sum(m.get('timing', {}).get('restore_s', 0.0) for m in fold_metrics))},
+              'folds': [d.parts[-3] if len(d.parts) >= 3 else str(d) for d in dirs],  # provenance: which folds, seeds
+              'seeds': sorted({m.get('seed') for m in fold_metrics}, key=str),
+              'testset_fingerprint': ref.meta.get('testset_fingerprint'),
               'key': key}
+    if recovered: result['recovered'] = recovered
     _write_json(out_dir/'metrics.json', result)
     return result

@@ -533,7 +533,8 @@ def _cached(keys:dict, # name → cache key (JSON-able) of every set that `build
     if path.exists():
         try: return _load_checked(path, keys[want])
         except Exception as e:
-            warnings.warn(f"{path}: corrupt or stale phantom cache ({type(e).__name__}: {e}); regenerating it", RuntimeWarning)
+            from condiff.checks import quarantine  # moved aside as *.corrupt-<time> (warns), never reused
+            quarantine(path, f"corrupt or stale phantom cache ({type(e).__name__}: {e}); regenerating it")
     sets = build()
     for name, ss in sets.items():
         ss.meta.update(key=keys[name], sha256=_digest(ss))

@@ -23,9 +23,10 @@ from .data import get_dataset, load_sliceset, to_model_space
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch_permutation',
            'StreamSampler', 'make_loader', 'ema_decay', 'EMA', 'MovingAverageEarlyStopper', 'save_checkpoint',
-           'resolve_checkpoint', 'get_rng_state', 'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for',
-           'init_from_weights', 'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses',
-           'load_model', 'main', 'base_kind', 'base_weights', 'build_base']
+           'resolve_checkpoint', 'CorruptCheckpoint', 'verify_checkpoint', 'resume_checkpoint', 'fold_family',
+           'get_rng_state', 'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for', 'init_from_weights',
+           'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model', 'main',
+           'base_kind', 'base_weights', 'build_base']
 
 # %% ../nbs/07_train.ipynb #0618a0ec
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
@@ -374,7 +375,7 @@ def save_checkpoint(ckpt_dir, # the run's `checkpoints/` folder
                     files:dict, # file name -> bytes
                     tags=('latest',), # links to point at this checkpoint
                    ) -> Path:
-    "Write `files` as checkpoint `step-N` atomically, point `tags` at it and delete unreferenced checkpoints."
+    "Write `files` as checkpoint `step-N` atomically, point `tags` at it (the old `latest` becomes `previous`) and delete unreferenced checkpoints."
     ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final, refs = ckpt_dir / name, {t: _link_target(ckpt_dir, t) for t in ('latest', 'best')}
@@ -390,14 +391,19 @@ def save_checkpoint(ckpt_dir, # the run's `checkpoints/` folder
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise
+    old = refs['latest']
+    if 'latest' in tags and old not in (None, name) and (ckpt_dir / old).is_dir():  # keep one fallback for a corrupt `latest`
+        link = ckpt_dir / f".previous-{uuid.uuid4().hex[:8]}"
+        os.symlink(old, link); os.replace(link, ckpt_dir / 'previous')
     for t in tags:
         link = ckpt_dir / f".{t}-{uuid.uuid4().hex[:8]}"
         os.symlink(name, link)
         os.replace(link, ckpt_dir / t)
     _fsync_dir(ckpt_dir)
-    keep = {_link_target(ckpt_dir, t) for t in ('latest', 'best')}
+    keep = {_link_target(ckpt_dir, t) for t in ('latest', 'best', 'previous')}
     for p in ckpt_dir.iterdir():  # prune: unreferenced checkpoints and debris of interrupted writes
-        if p.name in keep or p.name in ('latest', 'best'): continue
+        if p.name in keep or p.name in ('latest', 'best', 'previous'): continue
+        if '.corrupt-' in p.name: continue  # moved aside by `verify_checkpoint`'s callers: kept for inspection
         if p.name.startswith('step-') or p.name.startswith('.tmp-'): shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith('.') and p.is_symlink(): p.unlink()
     return final
@@ -421,6 +427,69 @@ def resolve_checkpoint(run_dir, # a run folder (holding `checkpoints/`)
     missing = [f for f in _CKPT_FILES if not (ck / f).is_file()]
     if missing: raise FileNotFoundError(f"checkpoint {ck.resolve()} is incomplete: missing {missing}")
     return ck.resolve()
+
+# %% ../nbs/07_train.ipynb #44b4b580
+import hashlib, warnings
+from .checks import FolderLock, LockHeld, quarantine, file_sha256
+
+class CorruptCheckpoint(ValueError):
+    "A checkpoint whose files are missing, unreadable or differ from their recorded digests."
+
+def verify_checkpoint(ck, # a checkpoint folder (`checkpoints/step-N`)
+                     ) -> dict: # its meta.json
+    "Check a checkpoint before it is used: complete, readable, every file equal to its recorded SHA-256."
+    ck = Path(ck)
+    try: meta = json.loads((ck / 'meta.json').read_text())
+    except (OSError, ValueError) as e: raise CorruptCheckpoint(f"checkpoint {ck} is corrupt: meta.json is unreadable ({e})") from None
+    missing = [f for f in _CKPT_FILES if not (ck / f).is_file()]
+    if missing: raise CorruptCheckpoint(f"checkpoint {ck} is incomplete: missing {missing}")
+    want = meta.get('files_sha256')
+    if want:
+        for f, h in sorted(want.items()):
+            if file_sha256(ck / f) != h:
+                raise CorruptCheckpoint(f"checkpoint {ck} is corrupt: {f} does not match the SHA-256 recorded in its meta.json "
+                                        f"(truncated or altered)")
+    else:  # saved before digests were recorded: at least both weight files must parse completely
+        for f in ('model.safetensors', 'ema.safetensors'):
+            try: _st_load((ck / f).read_bytes())
+            except Exception as e: raise CorruptCheckpoint(f"checkpoint {ck} is corrupt: {f} is unreadable ({type(e).__name__}: {e})") from None
+    return meta
+
+def _ckpt_step(p:Path) -> int:
+    try: return int(p.name.split('-')[1])
+    except (IndexError, ValueError): return -1
+
+def resume_checkpoint(run_dir, # a run folder
+                      quarantine_bad:bool=True, # move checkpoints that fail verification aside
+                     ) -> tuple: # (the newest checkpoint that verifies or None if there is none at all, [what was skipped])
+    "The checkpoint a resumed run continues from: the newest that verifies; bad ones are moved aside and reported."
+    cd = Path(run_dir) / 'checkpoints'
+    if not cd.is_dir(): return None, []
+    cands = sorted({p.resolve() for p in cd.iterdir() if p.name.startswith('step-') and '.corrupt-' not in p.name and p.is_dir()},
+                   key=_ckpt_step, reverse=True)
+    skipped = []
+    for ck in cands:
+        try: verify_checkpoint(ck)
+        except CorruptCheckpoint as e:
+            rec = dict(checkpoint=ck.name, reason=str(e))
+            if quarantine_bad: rec['moved_to'] = quarantine(ck, f"checkpoint fails verification ({e})", 'not used').name
+            skipped.append(rec); continue
+        if skipped: warnings.warn(f"{run_dir}: resuming from {ck.name}, the newest checkpoint that verifies "
+                                  f"(skipped {[s['checkpoint'] for s in skipped]})", RuntimeWarning)
+        return ck, skipped
+    if skipped: raise CorruptCheckpoint(f"{run_dir}: no checkpoint verifies ({'; '.join(s['reason'] for s in skipped)}); "
+                                        f"the bad ones were moved aside: remove the folder to train from scratch")
+    return None, []
+
+def fold_family(config, # the fold's TrainConfig
+                train_set, # its training SliceSet
+               ) -> dict:
+    "What makes folds comparable: dataset, sequence, modality, channels, preset, and a fingerprint of the training slices."
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps(list(train_set.ids)).encode()); h.update(str(train_set.images.shape).encode())
+    h.update(memoryview(np.ascontiguousarray(train_set.images)).cast('B'))
+    return dict(dataset=config.dataset, sequence=config.sequence, modality=train_set.modality,
+                img_channels=int(train_set.images.shape[1]), preset=config.preset, data=h.hexdigest())
 
 # %% ../nbs/07_train.ipynb #4a9accfc
 def get_rng_state() -> dict:
@@ -588,11 +657,14 @@ class Trainer:
         self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
         self._signal = False
         # the run folder: resume or start
+        if self.rank == 0: self._lock = FolderLock(self.run_dir, 'fold run folder').acquire()  # one writer per run folder
         ck_latest = self.run_dir / 'checkpoints' / 'latest'
-        if ck_latest.exists():
+        self.recovered = []
+        if ck_latest.exists() or ck_latest.is_symlink():
             if not resume: raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True to continue it, or use another out_dir")
             self._check_same_run()
-            self.load_state(resolve_checkpoint(self.run_dir, 'latest'))
+            ck, self.recovered = resume_checkpoint(self.run_dir, quarantine_bad=self.rank == 0)
+            if ck is not None: self.load_state(ck)
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -609,7 +681,7 @@ class Trainer:
         def one(path, split):
             if path is not None: return load_sliceset(path)
             return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir,
-                               **({} if cfg.image_size is None else dict(size=cfg.image_size)))
+                               progress=self.progress and self.rank == 0, **({} if cfg.image_size is None else dict(size=cfg.image_size)))
         tr, va = one(cfg.train_data, 'train'), one(cfg.val_data, 'val')
         for ss, what in ((tr, 'training'), (va, 'validation')):
             if len(ss) == 0: raise ValueError(f"the {what} set {ss.name!r} is empty")
@@ -627,6 +699,7 @@ class Trainer:
     def _close(self):
         if self._own_pg and dist.is_initialized(): dist.destroy_process_group()
         self._own_pg = False
+        if getattr(self, '_lock', None) is not None: self._lock.release(); self._lock = None
 
     def _forward(self, net):
         "model_fn(x_t, t, cond) for `diffusion_loss`: autocast and memory format on CUDA, fp32 output (as accelerate)."
@@ -692,8 +765,9 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def _model_meta(self) -> dict:
+        if getattr(self, '_family', None) is None: self._family = fold_family(self.config, self.train_set)
         return dict(model_config=_jsonable(self.model.config), img_channels=self.img_channels,
-                    image_size=list(self.image_size), modality=self.modality)
+                    image_size=list(self.image_size), modality=self.modality, family=self._family)
 
     def save(self, best:bool=False):
         "Save a checkpoint (rank 0) tagged `latest`, and `best` too if `best`."
@@ -710,9 +784,9 @@ class Trainer:
             buf = io.BytesIO(); torch.save(state, buf)
             meta = dict(step=self.step, **self._model_meta(), val_loss_ma=self.stopper.ma, best_val_loss_ma=self.stopper.best
                         if math.isfinite(self.stopper.best) else None, best_step=self.stopper.best_step, stop_reason=self.stop_reason)
-            save_checkpoint(self.run_dir / 'checkpoints', self.step,
-                            {'model.safetensors': weights, 'ema.safetensors': ema, 'state.pt': buf.getvalue(),
-                             'meta.json': json.dumps(meta, indent=1).encode()},
+            files = {'model.safetensors': weights, 'ema.safetensors': ema, 'state.pt': buf.getvalue()}
+            meta['files_sha256'] = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}  # checked on every load
+            save_checkpoint(self.run_dir / 'checkpoints', self.step, {**files, 'meta.json': json.dumps(meta, indent=1).encode()},
                             tags=('latest', 'best') if best else ('latest',))
             self._plot()
         self._barrier()
@@ -751,7 +825,7 @@ class Trainer:
             fig.savefig(tmp, dpi=100); os.replace(tmp, self.run_dir / 'loss.png')
         except (ValueError, FileNotFoundError): pass  # nothing logged yet
 
-    def _write_run_json(self, status:str):
+    def _write_run_json(self, status:str, reason:str|None=None):
         import condiff
         dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
         info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
@@ -760,6 +834,8 @@ class Trainer:
                     init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
                     git_commit=_git_commit(), versions=dict(condiff=condiff.__version__, torch=torch.__version__, numpy=np.__version__,
                     python=platform.python_version()), platform=platform.platform(), updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+        if reason is not None: info['reason'] = reason
+        if getattr(self, 'recovered', None): info['recovered'] = self.recovered
         _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
 
     # -- signals ------------------------------------------------------------------------------------------------
@@ -791,6 +867,11 @@ class Trainer:
         "Train until `max_steps` or early stopping; returns the run folder."
         self._install_signals()
         try: return self._fit()
+        except Exception as e:  # a crash: run.json says so, with the reason (an interruption says 'interrupted')
+            if self.rank == 0:
+                try: self._write_run_json('failed', reason=f"{type(e).__name__}: {e}")
+                except OSError: pass
+            raise
         finally:
             self._restore_signals(); self._close()
 
@@ -917,7 +998,7 @@ def load_model(run_dir, # a run folder written by `train`
     if not (run_dir / 'config.json').is_file(): raise FileNotFoundError(f"{run_dir} has no config.json: not a condiff run folder")
     cfg = TrainConfig.from_json(run_dir / 'config.json')
     ck = resolve_checkpoint(run_dir, which)
-    meta = json.loads((ck / 'meta.json').read_text())
+    meta = verify_checkpoint(ck)  # refuse a checkpoint whose files do not match their recorded digests
     model = (build_unet_from_config(meta['model_config']) if meta.get('model_config') else build_unet(cfg.unet, meta['img_channels']))
     _check_compatible(meta, model, ck)
     try:
@@ -953,8 +1034,11 @@ def main(argv=None):
         cfg = TrainConfig.from_json(a.config) if a.config else TrainConfig.from_preset(a.preset)
         cfg = cfg.replace(**_parse_sets(a.set))
         run_dir = train(cfg, a.out, resume=not a.no_resume, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input, or the run folder is held by another process
         p.exit(2, f"error: {e}\n")
+    except OSError as e:  # disk full, read-only...: one line naming the path
+        from condiff.checks import os_error_message
+        p.exit(1, f"error: {os_error_message(e)}\n")
     if dist_env()[0] == 0: print(run_dir)
     return run_dir
 

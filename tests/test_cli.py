@@ -176,7 +176,7 @@ def test_console_script(runs, tmp_path):
     out = subprocess.run(cmd + ['--help'], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and 'reproduce' in out.stdout and 'detect' in out.stdout
     out = subprocess.run(cmd + ['train', 'phantom-ddr', '--fold', '12'], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and 'fold must be in 0..9' in out.stderr and 'Traceback' not in out.stderr
+    assert out.returncode == 2 and '--fold: got 12; allowed: an int in 0..9' in out.stderr and 'Traceback' not in out.stderr
 
 
 # -- reproduce ------------------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ def test_table1_and_figure3_notebooks(smoke):
 
 @pytest.mark.parametrize('name,params,msg', [
     ('train', dict(dataset='imagenet'), "unknown dataset 'imagenet'"),
-    ('train', dict(fold=10), 'fold must be an int in 0..9, got 10'),
-    ('train', dict(max_steps=-5), 'max_steps must be a positive int or None, got -5'),
+    ('train', dict(fold=10), 'fold: got 10; allowed: an int in 0..9'),
+    ('train', dict(max_steps=-5), 'max_steps: got -5; allowed: an int >= 1 or None (the default)'),
+    ('train', dict(max_steps=0), 'max_steps: got 0'),  # None means the default, 0 is refused
     ('evaluate', dict(testset='phantom-brats'), "unknown test set 'phantom-brats'"),
     ('evaluate', dict(fold=10), "fold must be an int in 0..9 or 'ensemble', got 10"),
     ('table1', dict(folds='0-12'), 'folds must be in 0..9'),
@@ -102,7 +103,7 @@ def test_table1_and_figure3_notebooks(smoke):
 def test_wrong_parameter_stops_in_the_validation_cell(tmp_path, name, params, msg):
     with pytest.raises(papermill.PapermillExecutionError) as ei:
         run_nb(name, tmp_path, **params)
-    assert ei.value.ename == 'ValueError' and msg in ei.value.evalue, ei.value.evalue
+    assert ei.value.ename in ('ValueError', 'BadInput') and msg in ei.value.evalue, ei.value.evalue  # BadInput is a ValueError
     nb = json.loads((tmp_path / f"{name}-out.ipynb").read_text())
     code = [c for c in nb['cells'] if c['cell_type'] == 'code']
     tags = [c['metadata'].get('tags', []) for c in code]
