@@ -209,6 +209,7 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
                    snr_gamma:float|None=1.0, # Min-SNR γ; None = unweighted MSE
                    reduction:str='mean', # 'mean' (a scalar) or 'none' (the B weighted per-sample losses)
                    prediction_type:str='epsilon', # what model_fn outputs: 'epsilon' (paper), 'sample' (x0) or 'v_prediction'
+                   anomaly_weight:float=0.0, # extra weight on pixels the corruption changed: 1 + w·[|x0 − cond| > 1e-3] (0: paper)
                   ) -> torch.Tensor:
     "Min-SNR-weighted prediction MSE of the official trainer (ε objective), or of the x0 / v objective."
     if reduction not in ('mean', 'none'): raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -222,7 +223,9 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
     if out.shape != noise.shape:
         raise ValueError(f"model_fn returned shape {tuple(out.shape)}, expected {tuple(noise.shape)}")
     target = noise if prediction_type == 'epsilon' else prediction_target(sched, x0, noise, t, prediction_type)
-    per = F.mse_loss(out.float(), target.float(), reduction='none').mean(dim=tuple(range(1, x0.ndim)))
+    pix = F.mse_loss(out.float(), target.float(), reduction='none')
+    if anomaly_weight: pix = pix * (1 + float(anomaly_weight) * ((x0 - cond).abs() > 1e-3).float())
+    per = pix.mean(dim=tuple(range(1, x0.ndim)))
     if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma, prediction_type)
     return per.mean() if reduction == 'mean' else per
 

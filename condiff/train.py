@@ -57,6 +57,7 @@ class TrainConfig:
     init_weights: str|None = None  # warm start: 'base' (the shipped base model), a .safetensors file or a run folder; None: random init
     noise_offset: float = 0.1  # offset-noise scale
     snr_gamma: float|None = 1.0  # Min-SNR γ; None = plain ε-MSE
+    anomaly_weight: float = 0.0  # extra loss weight on the pixels the corruption changed (`diffusion_loss`); 0 = paper
     # -- optimisation
     lr: float = 1e-4  # AdamW learning rate (constant)
     adam_betas: tuple = (0.9, 0.999)  # AdamW betas
@@ -104,7 +105,7 @@ class TrainConfig:
         for k in ('fold', 'seed', 'data_seed', 'batch_size', 'max_steps', 'val_every', 'val_start', 'val_batch_size', 'patience',
                   'checkpoint_every', 'num_workers', 'log_every'):
             need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
-        for k in ('p_no_aug', 'noise_offset', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
+        for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
             need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
         for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32'):
             need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
@@ -123,6 +124,7 @@ class TrainConfig:
         need(lambda: self.val_max_samples is None or (isint(self.val_max_samples) and self.val_max_samples > 0),
              'val_max_samples', f"val_max_samples must be None or an int > 0, got {self.val_max_samples!r}")
         need(lambda: 0 <= self.p_no_aug <= 1, 'p_no_aug', f"p_no_aug must be in [0, 1], got {self.p_no_aug!r}")
+        need(lambda: self.anomaly_weight >= 0, 'anomaly_weight', f"anomaly_weight must be >= 0, got {self.anomaly_weight!r}")
         need(lambda: self.noise_offset >= 0, 'noise_offset', f"noise_offset must be >= 0, got {self.noise_offset!r}")
         need(lambda: self.snr_gamma is None or (isnum(self.snr_gamma) and self.snr_gamma > 0), 'snr_gamma',
              f"snr_gamma must be None or a number > 0, got {self.snr_gamma!r}")
@@ -190,7 +192,7 @@ class TrainConfig:
 TRAIN_PRESETS = {
     'paper': {},
     # the CPU default (`make demo`): chosen by measurement, `bench/quality.py`; every departure from paper is a named field
-    'cpu': dict(dataset='phantom-brain', sequence='t2', unet='cpu', image_size=64, snr_gamma=None, lr=3e-3, batch_size=32,
+    'cpu': dict(dataset='phantom-brain', sequence='t2', unet='cpu', image_size=64, snr_gamma=None, anomaly_weight=20.0, lr=3e-3, batch_size=32,
                 max_steps=2000, ema_max_decay=0.999, val_every=100, val_start=100, val_batch_size=32, val_max_samples=32,
                 patience=100_000, checkpoint_every=200, num_workers=0, log_every=25),
     'tiny': dict(dataset='phantom-brain', sequence='t2', unet='tiny', lr=2e-3, batch_size=8, max_steps=300,
@@ -727,7 +729,7 @@ class Trainer:
         cfg = self.config
         x0, cond, noise, t = self._to_device(batch)
         loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
-                              prediction_type=self.model.config['prediction_type'])
+                              prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
@@ -755,7 +757,7 @@ class Trainer:
             for batch in batches:
                 x0, cond, noise, t = self._to_device(batch)
                 per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
-                                     prediction_type=self.model.config['prediction_type'])
+                                     prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight)
                 tot[0] += per.double().sum(); tot[1] += per.numel()
         finally:
             for p, b in zip(self.model.parameters(), backup): p.copy_(b)
