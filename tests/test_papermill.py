@@ -39,16 +39,16 @@ def smoke(tmp_path_factory):
     from condiff.cli import fold_config, train_fold, evaluate
     d = tmp_path_factory.mktemp('pm')
     runs = d / 'runs'
-    nb = run_nb('train', d, dataset='phantom-brain', sequence='t2', fold=0, max_steps=3, batch_size=2, n_subjects=2,
+    nb = run_nb('train', d, dataset='phantom-brain', sequence='t2', fold=0, preset='tiny', max_steps=3, batch_size=2, n_subjects=2,
                 num_examples=2, num_steps=2, out_dir=str(runs))
     data = sorted((runs / '_data').glob('*.npz'))
     cfg = fold_config('phantom-brain', 't2', 1, max_steps=3, batch_size=2, val_batch_size=2,
                       train_data=str([p for p in data if p.name.endswith('-train.npz')][0]),
                       val_data=str([p for p in data if p.name.endswith('-val.npz')][0]))
     train_fold(cfg, runs, progress=False)
-    ev0 = run_nb('evaluate', d, testset='phantom-brats-t2', fold=0, test_images=6, num_steps=2, runs=str(runs), num_examples=2)
+    ev0 = run_nb('evaluate', d, testset='phantom-brats-t2', fold=0, preset='tiny', test_images=6, num_steps=2, runs=str(runs), num_examples=2)
     evaluate('phantom-brats-t2', 1, runs=runs, num_steps=2, test_images=6, progress=False)
-    ens = run_nb('evaluate', d, testset='phantom-brats-t2', fold='ensemble', folds='0,1', runs=str(runs), test_images=6, num_examples=2)
+    ens = run_nb('evaluate', d, testset='phantom-brats-t2', fold='ensemble', preset='tiny', folds='0,1', runs=str(runs), test_images=6, num_examples=2)
     return dict(dir=d, runs=runs, train=nb, ev0=ev0, ens=ens)
 
 
@@ -79,13 +79,13 @@ def test_table1_and_figure3_notebooks(smoke):
     from condiff.cli import ensemble_dir
     from condiff.report import read_table1_csv
     out = smoke['dir'] / 'pf'
-    run_nb('table1', smoke['dir'], testsets='phantom-brats-t2', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)
+    run_nb('table1', smoke['dir'], testsets='phantom-brats-t2', preset='tiny', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)
     assert sorted(p.name for p in out.iterdir()) == ['table1.csv', 'table1.md', 'table1.tex']
     t = read_table1_csv(out / 'table1.csv')
     e = json.loads((ensemble_dir(smoke['runs'], 'phantom-brats-t2', 'tiny') / 'metrics.json').read_text())
     assert t.row('Ours_ens').values[('BraTS-T2', 'AP_i')] == pytest.approx(e['AP_i'], abs=0.006)
     assert len(t.quoted) == 18 and t.row('Ours_ens').values[('DDR', 'AP_i')] is None
-    run_nb('figure3', smoke['dir'], testsets='phantom-brats-t2', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)
+    run_nb('figure3', smoke['dir'], testsets='phantom-brats-t2', preset='tiny', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)
     from PIL import Image
     assert Image.open(out / 'figure3.png').size[0] > 300 and (out / 'figure3.pdf').read_bytes()[:5] == b'%PDF-'
 
