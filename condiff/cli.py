@@ -73,8 +73,9 @@ class ReproduceConfig:
     test_images: int|None = None  # evaluate on this many test images per set (None: all; for smoke runs)
     train_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields, e.g. {'num_workers': 4}
     n_examples: int = 2  # Figure 3 examples per test set
-    jobs: int|None = None  # folds run at the same time, each in its own process (None: CPU cores // threads; 1 on CUDA)
+    jobs: int|None = None  # folds run at the same time, each in its own process (None: CPU cores // threads; on CUDA GPUs × folds_per_gpu)
     threads: int|None = 1  # torch CPU threads per job (fixed, so the numbers do not depend on `jobs`; None: leave as is)
+    folds_per_gpu: int = 1  # device 'cuda'/'auto': folds at once on each visible GPU (each worker process keeps one GPU)
 
     def __post_init__(self):
         if isinstance(self.testsets, str): self.testsets = (self.testsets,)
@@ -90,9 +91,9 @@ class ReproduceConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
-        for k in ('jobs', 'threads'):
+        for k in ('jobs', 'threads', 'folds_per_gpu'):
             v = getattr(self, k)
-            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+            if (v is not None or k == 'folds_per_gpu') and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{k} must be a positive int or None, got {v!r}")
         if self.test_images is not None and self.test_images < 2: raise ValueError(f"test_images must be >= 2 (both classes), got {self.test_images}")
         if self.sampler not in ('ddpm', 'ddim'): raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
@@ -103,10 +104,25 @@ class ReproduceConfig:
 
     def resolved_jobs(self) -> tuple: # (jobs, threads per job)
         "How many folds run at once and with how many CPU threads each."
-        if not str(self.device).startswith('cpu'): return 1, None  # one GPU: one process, torch's own threads
+        devs = self.job_devices()
+        if devs[0].startswith('cuda'):  # one or more worker processes per visible GPU
+            j = self.jobs if self.jobs is not None else len(devs) * self.folds_per_gpu
+            return int(j), (None if j == 1 else self.threads)  # one process: torch's own threads
         t = self.threads
         j = self.jobs if self.jobs is not None else max(1, (os.cpu_count() or 1) // (t or 1))
         return int(j), t
+
+    def job_devices(self) -> list: # the devices worker k uses: devices[k % len(devices)]
+        "'cuda' (or 'auto' with CUDA): every visible GPU, 'cuda:0' ... 'cuda:N-1'; otherwise the one device named."
+        d = str(self.device)
+        if d == 'auto':
+            import torch
+            d = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if d == 'cuda':
+            import torch
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return [f'cuda:{i}' for i in range(n)] or ['cuda']
+        return [d]
 
     def to_dict(self) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -365,9 +381,23 @@ def _mtime(p:Path):
     try: return p.stat().st_mtime_ns
     except OSError: return None
 
+_WORKER_DEVICE = None  # set in each `reproduce` worker process that owns one GPU
+
+def _pin_worker(queue):
+    "ProcessPoolExecutor initializer: this worker takes the next device from `queue` for all its steps."
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = queue.get()
+
+def _on_device(kind:str, kw:dict, device:str|None) -> dict:
+    "The step's arguments with its device replaced by `device` (None: unchanged)."
+    if device is None: return kw
+    if kind == 'train': return {**kw, 'config': {**kw['config'], 'device': device}}
+    return {**kw, 'device': device}
+
 def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict:
     "One step of `reproduce` ('train' or 'evaluate'), runnable in a worker process; returns a small summary."
     import torch
+    kw = _on_device(kind, kw, _WORKER_DEVICE)
     old = torch.get_num_threads()
     if threads: torch.set_num_threads(int(threads))
     try:
@@ -387,14 +417,19 @@ def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict
         raise ValueError(f"unknown step kind {kind!r}")
     finally: torch.set_num_threads(old)
 
-def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done):
-    "Run [(kind, kw, label), ...] in this process (jobs 1) or in `jobs` spawned processes; `on_done(label, result)`."
+def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done, devices:list|None=None):
+    "Run [(kind, kw, label), ...] in this process (jobs 1) or in `jobs` spawned processes (worker k on `devices[k % n]`)."
     if jobs <= 1:
         for kind, kw, label in steps: on_done(label, _work(kind, kw, threads, progress))
         return
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
-    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as ex:
+    ctx, pin = get_context('spawn'), {}
+    if devices and len(devices) > 1:  # several GPUs: each worker process keeps one for every step it runs
+        q = ctx.Queue()
+        for k in range(jobs): q.put(devices[k % len(devices)])
+        pin = dict(initializer=_pin_worker, initargs=(q,))
+    with ProcessPoolExecutor(jobs, mp_context=ctx, **pin) as ex:
         futs = {ex.submit(_work, kind, kw, threads, False): label for kind, kw, label in steps}
         try:
             for fu in as_completed(futs): on_done(futs[fu], fu.result())
@@ -413,11 +448,13 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     fams = {}
     for t in cfg.testsets: fams.setdefault(TESTSETS[t].family, []).append(t)
     jobs, threads = cfg.resolved_jobs()
+    devices = cfg.job_devices()
     n_steps = len(fams) * len(cfg.folds) + len(cfg.testsets) * (len(cfg.folds) + 1) + 3
     bar = tqdm(total=n_steps, desc='reproduce', unit='step', disable=not progress, position=0)
     def stage(name, t_start): stages[name] = round(stages.get(name, 0) + time.perf_counter() - t_start, 2)
     say(f"reproduce: {', '.join(cfg.testsets)}; preset {cfg.preset}; folds {','.join(map(str, cfg.folds))}; "
-        f"{cfg.device}, {jobs} job(s) x {threads or 'default'} thread(s)")
+        f"{cfg.device}, {jobs} job(s) x {threads or 'default'} thread(s)"
+        + (f", spread over {len(devices)} GPUs ({', '.join(devices)})" if len(devices) > 1 else ''))
     try:
         # 0. build (or load from cache) every dataset once, before any worker needs it
         ts0 = time.perf_counter()
@@ -425,11 +462,11 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
         for fam, ts_names in fams.items():
             for f in cfg.folds:
                 tc = train_config(ts_names[0], f, cfg.preset, cfg.device, cfg.seed, cfg.max_steps, cfg.data_root,
-                                  **cfg.train_overrides)
+                                  **{'data_seed': cfg.data_seed, **cfg.train_overrides})
                 tsteps.append(('train', dict(config=tc.to_dict(), runs=str(cfg.runs)), f"{fam}/fold{f}"))
             train_cfgs[fam] = {**tc.to_dict(), 'fold': list(cfg.folds)}
             if tc.train_data is None or tc.val_data is None:
-                for split in ('train', 'val'): get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.seed, cache_dir=tc.cache_dir)
+                for split in ('train', 'val'): get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.data_seed, cache_dir=tc.cache_dir)  # as Trainer loads it
         for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed)
         stage('data', ts0); bar.update(1)
         # 1. train every fold of every family
@@ -438,7 +475,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
             if r['skipped']: skipped['train'].append(label); say(f"train {label}: finished before, skipped")
             else: say(f"train {label}: done, {r['step']} steps ({r['stop_reason']}), {r['wall_s']:.0f} s")
             bar.update(1)
-        _run_steps(tsteps, jobs, threads, progress, trained)
+        _run_steps(tsteps, jobs, threads, progress, trained, devices)
         stage('train', ts0)
         # 2. evaluate every fold on every test set
         ts0 = time.perf_counter()
@@ -451,7 +488,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
             if r['skipped']: skipped['evaluate'].append(label)
             say(f"evaluate {label}: AP_i {r['AP_i']:.3f} AP_p {r['AP_p']:.3f}" + (" (stored result, skipped)" if r['skipped'] else ''))
             bar.update(1)
-        _run_steps(esteps, jobs, threads, progress, evaluated)
+        _run_steps(esteps, jobs, threads, progress, evaluated, devices)
         skipped['evaluate'].sort(key=lambda l: [x for _, _, x in esteps].index(l))
         stage('evaluate', ts0)
         # 3. the ensembles
@@ -482,7 +519,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
                                         data_seed=cfg.data_seed, test_images=cfg.test_images)}
     man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                wall_s=round(time.perf_counter() - t0, 1), stage_wall_s=stages, skipped=skipped,
-               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads,
+               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices,
                train_configs=train_cfgs,
                seeds=dict(train=cfg.seed, sampling=cfg.eval_seed, phantom_data=cfg.data_seed,
                           note='training seed = TrainConfig.seed of every fold; each test slice i is sampled with '
@@ -769,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--test-images', type=int, default=None, help='evenly spaced subset of each test set (smoke runs)')
     p.add_argument('--examples', type=int, default=2, help='Figure 3 examples per test set (default: 2)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TrainConfig override for every fold')
+    p.add_argument('--data-seed', type=int, default=0, help='seed of the phantom datasets, training and test (default: 0)')
+    p.add_argument('--jobs', type=int, default=None, help='folds at once, one process each (default: CPU cores; on CUDA GPUs x --folds-per-gpu)')
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads per job (default: 1)')
+    p.add_argument('--folds-per-gpu', type=int, default=1, help="device cuda/auto: folds at once on each visible GPU (default: 1)")
     _add_sampling(p); _add_common(p, testsets=True)
     p = sub.add_parser('detect', help='anomaly map for a new scan', formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
@@ -817,7 +858,8 @@ def main(argv=None):
                                   out=a.out, seed=a.train_seed, eval_seed=a.seed, data_root=a.data_root,
                                   max_steps=a.max_steps, sampler=a.sampler, num_steps=a.num_steps,
                                   eval_batch_size=a.batch_size, test_images=a.test_images,
-                                  train_overrides=_parse_sets(a.set), n_examples=a.examples)
+                                  train_overrides=_parse_sets(a.set), n_examples=a.examples, data_seed=a.data_seed,
+                                  jobs=a.jobs, threads=a.threads, folds_per_gpu=a.folds_per_gpu)
             reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
         elif a.command == 'detect':
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size or 16,

@@ -278,7 +278,8 @@ def _dist_setup(device):
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         if device.type == 'cuda': torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        from condiff.train import DIST_TIMEOUT
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=DIST_TIMEOUT)
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 
