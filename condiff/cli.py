@@ -20,10 +20,10 @@ from .data import (SliceSet, get_dataset, read_nifti, crop_square, zero_small, r
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'PAIRED', 'NIFTI_SUFFIXES', 'IMAGE_SUFFIXES', 'family_dir', 'fold_dir', 'eval_dir', 'ensemble_dir',
            'ReproduceConfig', 'parse_folds', 'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold',
-           'load_testset', 'subsample', 'evaluate', 'ensemble_folds', 'git_commit', 'collect_results', 'make_table1',
-           'figure3_panels', 'make_figure3', 'machine_info', 'package_versions', 'write_manifest', 'reproduce',
-           'VolumeGeometry', 'volume_to_slices', 'slices_to_volume', 'load_ensemble', 'ensemble_restore',
-           'detect_outputs', 'detect', 'build_parser', 'main']
+           'load_testset', 'subsample', 'evaluate', 'evaluate_family', 'ensemble_folds', 'git_commit',
+           'collect_results', 'make_table1', 'figure3_panels', 'make_figure3', 'machine_info', 'package_versions',
+           'write_manifest', 'reproduce', 'VolumeGeometry', 'volume_to_slices', 'slices_to_volume', 'load_ensemble',
+           'ensemble_restore', 'detect_outputs', 'detect', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #7bb4459c
 def family_dir(runs, # root of the run folders
@@ -76,6 +76,7 @@ class ReproduceConfig:
     jobs: int|None = None  # folds run at the same time, each in its own process (None: CPU cores // threads; on CUDA GPUs × folds_per_gpu)
     threads: int|None = 1  # torch CPU threads per job (fixed, so the numbers do not depend on `jobs`; None: leave as is)
     folds_per_gpu: int = 1  # device 'cuda'/'auto': folds at once on each visible GPU (each worker process keeps one GPU)
+    batched_folds: bool|None = None  # evaluate all folds of a test set in one batched pass (None: on CUDA yes, on the CPU no)
 
     def __post_init__(self):
         if isinstance(self.testsets, str): self.testsets = (self.testsets,)
@@ -243,6 +244,26 @@ def evaluate(testset:str, # a TESTSETS name
                          num_steps=num_steps or d['num_steps'], seed=seed, batch_size=batch_size or d['eval_batch_size'],
                          device=device, which=_which(rd), progress=progress)
 
+def evaluate_family(testset:str, # a TESTSETS name
+                    folds=tuple(range(10)), # the folds to evaluate
+                    preset:str='tiny', runs='runs', device:str='cpu',
+                    sampler:str|None=None, num_steps:int|None=None, batch_size:int|None=None, # None: RUN_DEFAULTS[preset]
+                    seed:int=0, data:SliceSet|None=None,
+                    batched:bool|None=None, # all folds in one pass (None: batched on CUDA, per fold on the CPU)
+                    progress:bool=True, **load_kw) -> list: # one metrics dict per fold
+    "`evaluate` for several folds at once (`condiff.inference.evaluate_folds`): the same results, batched over the folds."
+    from condiff.inference import evaluate_folds
+    d = RUN_DEFAULTS.get(preset, RUN_DEFAULTS['paper'])
+    folds = parse_folds(folds)
+    rds = [fold_dir(runs, testset, preset, f) for f in folds]
+    for f, rd in zip(folds, rds):
+        if not (rd / 'config.json').is_file(): raise FileNotFoundError(f"{rd}: fold {f} of {get_testset(testset).family} "
+                                                                       f"({preset}) is not trained; run `condiff train` first")
+    ss = data if data is not None else load_testset(testset, **load_kw)
+    return evaluate_folds(rds, ss, [eval_dir(runs, testset, preset, f) for f in folds], sampler=sampler or d['sampler'],
+                          num_steps=num_steps or d['num_steps'], seed=seed, batch_size=batch_size or d['eval_batch_size'],
+                          device=device, which=[_which(rd) for rd in rds], batched=batched, progress=progress)
+
 def ensemble_folds(testset:str, # a TESTSETS name
                    folds=tuple(range(10)), # the folds to average
                    preset:str='tiny', runs='runs', progress:bool=True) -> dict:
@@ -408,6 +429,12 @@ def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict
             rd, was = train_fold(cfg, kw['runs'], progress)
             st = run_status(rd)
             return dict(skipped=was, step=st.get('step'), stop_reason=st.get('stop_reason'), wall_s=time.perf_counter() - t0)
+        if kind == 'evaluate_family':
+            ps = [eval_dir(kw['runs'], kw['testset'], kw['preset'], f) / 'metrics.json' for f in kw['folds']]
+            before = [_mtime(p) for p in ps]
+            ms = evaluate_family(progress=progress, **kw)
+            return dict(folds=[dict(skipped=b is not None and b == _mtime(p), **{k: m[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')},
+                                    restore_s=m.get('timing', {}).get('restore_s')) for p, b, m in zip(ps, before, ms)])
         if kind == 'evaluate':
             p = eval_dir(kw['runs'], kw['testset'], kw['preset'], kw['fold']) / 'metrics.json'
             before = _mtime(p)
@@ -449,6 +476,10 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     for t in cfg.testsets: fams.setdefault(TESTSETS[t].family, []).append(t)
     jobs, threads = cfg.resolved_jobs()
     devices = cfg.job_devices()
+    if cfg.batched_folds is not None: batched = cfg.batched_folds
+    else:
+        from condiff.inference import batched_folds_default
+        batched = batched_folds_default(devices[0].split(':')[0])
     n_steps = len(fams) * len(cfg.folds) + len(cfg.testsets) * (len(cfg.folds) + 1) + 3
     bar = tqdm(total=n_steps, desc='reproduce', unit='step', disable=not progress, position=0)
     def stage(name, t_start): stages[name] = round(stages.get(name, 0) + time.perf_counter() - t_start, 2)
@@ -488,8 +519,15 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
             if r['skipped']: skipped['evaluate'].append(label)
             say(f"evaluate {label}: AP_i {r['AP_i']:.3f} AP_p {r['AP_p']:.3f}" + (" (stored result, skipped)" if r['skipped'] else ''))
             bar.update(1)
-        _run_steps(esteps, jobs, threads, progress, evaluated, devices)
-        skipped['evaluate'].sort(key=lambda l: [x for _, _, x in esteps].index(l))
+        elabels = [x for _, _, x in esteps]
+        if batched and len(cfg.folds) > 1:  # one step per test set: its folds restored together (FoldStack)
+            per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
+            esteps = [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
+                                           'batched': True}, t) for t in cfg.testsets]
+            _run_steps(esteps, jobs, threads, progress,
+                       lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
+        else: _run_steps(esteps, jobs, threads, progress, evaluated, devices)
+        skipped['evaluate'].sort(key=elabels.index)
         stage('evaluate', ts0)
         # 3. the ensembles
         ts0 = time.perf_counter()
@@ -519,7 +557,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
                                         data_seed=cfg.data_seed, test_images=cfg.test_images)}
     man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                wall_s=round(time.perf_counter() - t0, 1), stage_wall_s=stages, skipped=skipped,
-               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices,
+               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices, batched_folds=batched,
                train_configs=train_cfgs,
                seeds=dict(train=cfg.seed, sampling=cfg.eval_seed, phantom_data=cfg.data_seed,
                           note='training seed = TrainConfig.seed of every fold; each test slice i is sampled with '
@@ -602,16 +640,19 @@ def ensemble_restore(models, # from `load_ensemble`
                      modality:str, # 'MRI' or 'RF'
                      ids, # one id per image (seeds the sampling noise)
                      seed:int=0, sampler:str='ddpm', num_steps:int=50, batch_size:int=16, device='cpu',
-                     progress:bool=True) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
+                     progress:bool=True,
+                     batched:bool|None=None, # all folds in one pass (None: condiff.inference.batched_folds_default)
+                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
     "Restore `images` with every fold, average the SSIM maps, return the closest fold's restorations."
     import torch
-    from condiff.inference import restore_dataset, slice_seeds
+    from condiff.inference import restore_folds, slice_seeds
     from condiff.ssim import anomaly_map
     y = to_model_space(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), modality)
     seeds = slice_seeds(seed, ids)
+    allr = restore_folds([m for _, m, _ in models], y, seeds, sampler, num_steps, batch_size=batch_size, device=device,
+                         batched=batched, progress=progress)
     maps, rests = [], []
-    for name, model, _ in tqdm(models, desc='folds', disable=not progress or len(models) < 2, leave=False):
-        r = restore_dataset(model, y, seeds, sampler, num_steps, batch_size=batch_size, device=device, progress=progress)
+    for r in allr:
         maps.append(anomaly_map(r, y, modality).numpy()); rests.append(r.numpy().astype(np.float16))
     fm = np.stack(maps)
     mean = fm.mean(0)
@@ -652,7 +693,9 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
            folds=None, # restrict to these folds
            zero_below:float=1e-4, # NIfTI: values below this are background (official 1e-4; ATLAS data 0.1)
            overwrite:bool=False, # replace existing outputs
-           progress:bool=True) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
+           progress:bool=True,
+           batched_folds:bool|None=None, # restore with all folds in one pass (None: batched on CUDA, per fold on the CPU)
+          ) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
     path = Path(path)
     outs = detect_outputs(path, out_dir)
@@ -682,7 +725,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
     rest = np.zeros_like(slices)
     m, r, best = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
-                                  sampler, num_steps, batch_size, device, progress)
+                                  sampler, num_steps, batch_size, device, progress, batched_folds)
     maps[keep], rest[keep] = m, r
     if nifti:
         import nibabel as nib
@@ -754,6 +797,12 @@ def _add_sampling(p):
     p.add_argument('--batch-size', type=int, default=None, help='test images per UNet call')
     p.add_argument('--seed', type=int, default=0, help='base seed of the sampling noise (default: 0)')
 
+def _add_fold_batching(p):
+    p.add_argument('--fold-batching', default='auto', choices=['auto', 'on', 'off'],
+                   help='restore with all folds in one batched pass: auto = on for CUDA, off for the CPU (default: auto)')
+
+def _fold_batching(a): return {'auto': None, 'on': True, 'off': False}[a.fold_batching]
+
 def _parse_sets(items) -> dict:
     out = {}
     for it in items or []:
@@ -810,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--jobs', type=int, default=None, help='folds at once, one process each (default: CPU cores; on CUDA GPUs x --folds-per-gpu)')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads per job (default: 1)')
     p.add_argument('--folds-per-gpu', type=int, default=1, help="device cuda/auto: folds at once on each visible GPU (default: 1)")
+    _add_fold_batching(p)
     _add_sampling(p); _add_common(p, testsets=True)
     p = sub.add_parser('detect', help='anomaly map for a new scan', formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
@@ -825,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--zero-below', type=float, default=1e-4, help='NIfTI background threshold (official: 1e-4; ATLAS 0.1)')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_fold_batching(p)
     _add_sampling(p)
     p.set_defaults(num_steps=None)
     return P
@@ -859,11 +910,11 @@ def main(argv=None):
                                   max_steps=a.max_steps, sampler=a.sampler, num_steps=a.num_steps,
                                   eval_batch_size=a.batch_size, test_images=a.test_images,
                                   train_overrides=_parse_sets(a.set), n_examples=a.examples, data_seed=a.data_seed,
-                                  jobs=a.jobs, threads=a.threads, folds_per_gpu=a.folds_per_gpu)
+                                  jobs=a.jobs, threads=a.threads, folds_per_gpu=a.folds_per_gpu, batched_folds=_fold_batching(a))
             reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
         elif a.command == 'detect':
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size or 16,
-                       a.folds, a.zero_below, a.overwrite, progress)
+                       a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))
             print(json.dumps(r, default=str))
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

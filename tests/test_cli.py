@@ -119,6 +119,9 @@ def test_detect_is_seeded_and_uses_every_fold(runs, tmp_path):
     np.testing.assert_allclose(np.asarray(nib.load(r1['map']).dataobj), np.asarray(nib.load(r2['map']).dataobj), atol=1e-6)
     one = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o3', num_steps=2, folds='1', progress=False)
     assert one['n_folds'] == 1 and one['fold'] == 'fold1'
+    # both folds in one batched pass (FoldStack): the same map to float tolerance
+    rb = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o4', num_steps=2, progress=False, batched_folds=True)
+    np.testing.assert_allclose(np.asarray(nib.load(rb['map']).dataobj), np.asarray(nib.load(r1['map']).dataobj), atol=1e-4)
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'garbage', 'nan'])
@@ -318,3 +321,24 @@ def test_folds_spread_over_visible_gpus(monkeypatch):
     assert C._on_device('train', kw, None) is kw
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     assert ReproduceConfig(device='cuda').resolved_jobs() == (1, None)  # one GPU: one process, as before
+
+
+def test_reproduce_batched_folds_matches_per_fold(runs, tmp_path):
+    "reproduce with batched_folds=True: one evaluation step per test set, both folds restored together, the same metrics."
+    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
+                          runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=1, batched_folds=False,
+                          train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
+                                               batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
+    m1 = reproduce(cfg, progress=False, log=None)
+    for f in (0, 1): shutil.rmtree(cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f))
+    shutil.rmtree(cli.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny'))
+    logs = []
+    m2 = reproduce(dataclasses.replace(cfg, batched_folds=True), progress=False, log=logs.append)
+    assert m2['batched_folds'] is True and m1['batched_folds'] is False and m2['skipped']['evaluate'] == []
+    assert sum(l.startswith('evaluate phantom-brats-t1/fold') for l in logs) == 2
+    r1, r2 = m1['results']['phantom-brats-t1'], m2['results']['phantom-brats-t1']
+    for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice'):
+        assert abs(r1['ensemble'][k] - r2['ensemble'][k]) <= 2e-3
+        for f in ('0', '1'): assert abs(r1['folds'][f][k] - r2['folds'][f][k]) <= 2e-3
+    m3 = reproduce(dataclasses.replace(cfg, batched_folds=True), progress=False, log=None)
+    assert m3['skipped']['evaluate'] == ['phantom-brats-t1/fold0', 'phantom-brats-t1/fold1']
