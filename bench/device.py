@@ -12,7 +12,9 @@ Sections (the `section` field of each line):
   3 sample     paper-preset sampling image-steps/s (batch 32 and 128): condiff with CUDA graphs off and on, official stack
   4 fast       sections 2 and 3 for the `fast` preset
   5 attention  the attention share of a forward pass (profiler) against the exp-bound estimate
-  6 phantom    a 3-minute phantom training run of the paper preset: loss curve and restorations as PNG
+  7 folds      the batched fold ensemble (10 `fast` models in one pass) against fold after fold
+  6 phantom    a 3-minute phantom training run of the paper preset: loss curve and restorations as PNG (last: it takes
+               whatever time is left, up to 180 s)
 
     bash bench/device.sh            # on the device: OUT=$OUT
     bash bench/device.sh --dry      # here, CPU, toy sizes, < 60 s
@@ -353,6 +355,30 @@ def attention_section(b: Bench, cfg):
     b.emit('attention', 'attention-share', **rec)
 
 
+# ------------------------------------------------------------------------------------------------------------ 7 folds
+def folds_section(b: Bench, cfg):
+    "Batched fold ensemble (FoldStack) against fold after fold on the device: fold-images/s, peak memory, max difference."
+    from condiff.unet import build_unet
+    from condiff.inference import restore_folds, slice_seeds
+    dev, S, F_, B, K = b.device, cfg['size'], cfg['ens_folds'], cfg['ens_batch'], cfg['sample_steps']
+    models = []
+    for f in range(F_):
+        torch.manual_seed(100 + f); models.append(build_unet(cfg['preset'], 1).to(dev).eval())
+    y = torch.rand(B, 1, S, S) * 2 - 1
+    seeds = slice_seeds(0, [f"e/z{i:03d}" for i in range(B)])
+    out, rate = {}, {}
+    for batched in (False, True):
+        _peak_reset(dev)
+        run = lambda: restore_folds(models, y, seeds, 'ddpm', K, batch_size=B, device=dev, batched=batched, progress=False)  # noqa: E731
+        out[batched] = run()
+        sec = _timed(b, run, 0, 1)
+        rate[batched] = F_ * B / sec
+        b.emit('folds', 'ensemble', preset=cfg['preset'], folds=F_, batch=B, size=S, steps=K, batched=batched,
+               images_per_s=round(rate[batched], 2), image_steps_per_s=round(rate[batched] * K, 2), peak_mem_gib=_peak_gib(dev))
+    b.emit('folds', 'ensemble-summary', preset=cfg['preset'], speedup=round(rate[True] / rate[False], 3),
+           max_restoration_diff=float((out[True] - out[False]).abs().max()))
+
+
 # ------------------------------------------------------------------------------------------------------------ 6 phantom
 def phantom_section(b: Bench, cfg):
     import matplotlib; matplotlib.use('Agg')
@@ -418,15 +444,16 @@ def configs(dry: bool, out: Path):
     if dry:
         common = dict(size=32, train_batches=[2], precisions=['fp32'], compiled=[(2, 'fp32')], warmup=1, iters=1, config_s=1, compile_s=1,
                       sample_batches=[2], sample_steps=2, sample_iters=1, parity_presets=['tiny'], attn_batch=2,
-                      workers=0, phantom_subjects=1, phantom_slice_step=20, phantom_batch=2, phantom_s=3, phantom_reserve_s=0, phantom_restore=2,
+                      workers=0, phantom_subjects=1, phantom_slice_step=20, ens_folds=3, ens_batch=2, phantom_batch=2, phantom_s=3, phantom_reserve_s=0, phantom_restore=2,
                       phantom_steps=2, work=str(out / 'work'))
-        return dict(paper={**common, 'preset': 'tiny'}, fast={**common, 'preset': 'tiny'}, attention={**common, 'preset': 'tiny'},
+        return dict(folds={**common, 'preset': 'tiny'}, paper={**common, 'preset': 'tiny'}, fast={**common, 'preset': 'tiny'}, attention={**common, 'preset': 'tiny'},
                     phantom={**common, 'preset': 'tiny'}, parity=common)
     common = dict(size=128, train_batches=[16, 32], precisions=['bf16', 'fp16'], compiled=[(32, 'bf16')], warmup=3, iters=10,
                   config_s=25, compile_s=150, sample_batches=[32, 128], sample_steps=5, sample_iters=2,
-                  parity_presets=['tiny', 'paper'], attn_batch=32, workers=8, phantom_subjects=12, phantom_slice_step=None, phantom_batch=32,
+                  parity_presets=['tiny', 'paper'], attn_batch=32, workers=8, phantom_subjects=12, phantom_slice_step=None,
+                  ens_folds=10, ens_batch=16, phantom_batch=32,
                   phantom_s=180, phantom_reserve_s=45, phantom_restore=4, phantom_steps=50, work='/tmp/condiff-device')
-    return dict(paper={**common, 'preset': 'paper'}, fast={**common, 'preset': 'fast', 'train_batches': [32], 'compiled': [],
+    return dict(folds={**common, 'preset': 'fast'}, paper={**common, 'preset': 'paper'}, fast={**common, 'preset': 'fast', 'train_batches': [32], 'compiled': [],
                                                             'sample_batches': [128]},
                 attention={**common, 'preset': 'paper'}, phantom={**common, 'preset': 'paper'}, parity=common)
 
@@ -436,7 +463,7 @@ def main(argv=None):
     p.add_argument('--out', default=os.environ.get('OUT', 'runs/device'), help='where device.jsonl and the PNGs go (default: $OUT)')
     p.add_argument('--dry', action='store_true', help='CPU, toy sizes: the same code, for the pytest')
     p.add_argument('--budget', type=float, default=None, help='seconds for the whole run (default: 450; dry: 55)')
-    p.add_argument('--sections', default='1,2,3,4,5,6', help='which sections, e.g. 1,2,6')
+    p.add_argument('--sections', default='1,2,3,4,5,7,6', help='which sections, e.g. 1,2,6 (they run in the order 1-5, 7, 6)')
     a = p.parse_args(argv)
     out = Path(a.out)
     dev = torch.device('cpu' if a.dry or not torch.cuda.is_available() else 'cuda')
@@ -465,6 +492,7 @@ def main(argv=None):
             (4, 'fast', lambda: (train_section(b, cf['fast'], cf['fast']['preset'], 'fast-train'),
                                  sample_section(b, cf['fast'], cf['fast']['preset'], 'fast-sample')), 3 if a.dry else 40),
             (5, 'attention', lambda: attention_section(b, cf['attention']), 2 if a.dry else 15),
+            (7, 'folds', lambda: folds_section(b, cf['folds']), 2 if a.dry else 30),
             (6, 'phantom', lambda: phantom_section(b, cf['phantom']), 3 if a.dry else 90)]
     plan = [x for x in plan if x[0] in want]
     for i, (k, name, fn, need) in enumerate(plan):

@@ -193,6 +193,7 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
                     dtype=None, # UNet autocast dtype: None = bf16 on CUDA, fp32 on CPU
                     progress=True, # show a tqdm bar (or pass a tqdm bar to update)
                     cuda_graphs:bool=False, # CUDA only: capture the UNet call once per batch shape and replay it every step
+                    compile:bool=False, # torch.compile the UNet (`condiff.train.MaybeCompiled`: eager with a warning if it fails)
                    ) -> torch.Tensor: # N×C×H×W float32 restorations in model space, on the CPU
     "Restore every image by sampling from pure noise conditioned on it at every step, one seeded noise stream per image."
     x = check_images(images, model_channels(model))
@@ -204,9 +205,13 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
     model = model.to(device)
     amp, _ = _precision(device, dtype)
     smp = make_sampler(sampler, eta)
+    net = model
+    if compile:
+        from condiff.train import MaybeCompiled
+        net = MaybeCompiled(model, 'compile')
     def model_fn(x_t, t, cond):
         with (torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()):
-            return model(x_t, t, cond).float()
+            return net(x_t, t, cond).float()
     if cuda_graphs: model_fn = GraphedModelFn(model_fn, device)
     was_training = model.training
     model.eval()

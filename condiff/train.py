@@ -24,8 +24,8 @@ from .data import get_dataset, load_sliceset, to_model_space
 __all__ = ['TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'TrainConfig', 'sample_seeds', 'TaskDataset',
            'epoch_permutation', 'StreamSampler', 'make_loader', 'ema_decay', 'EMA', 'MovingAverageEarlyStopper',
            'save_checkpoint', 'resolve_checkpoint', 'get_rng_state', 'set_rng_state', 'resolve_device', 'dist_env',
-           'run_dir_for', 'fit_optimizer_state', 'set_deterministic', 'saved_config_diff', 'Trainer', 'weights_digest',
-           'train', 'read_log', 'plot_losses', 'load_model', 'main']
+           'run_dir_for', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'saved_config_diff', 'Trainer',
+           'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model', 'main']
 
 # %% ../nbs/07_train.ipynb #0618a0ec
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
@@ -78,6 +78,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last memory format on CUDA
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (official `allow_tf32: true`)
     deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS kernels, no cudnn.benchmark (slower); see `set_deterministic`
+    compile: bool = False  # torch.compile the UNet for the training steps (`MaybeCompiled`: eager, with a warning, if it fails)
     num_workers: int = 8  # DataLoader worker processes per rank
     log_every: int = 50  # log the training loss every this many steps
 
@@ -101,7 +102,7 @@ class TrainConfig:
             need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
         for k in ('p_no_aug', 'noise_offset', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
             need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
-        for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic'):
+        for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic', 'compile'):
             need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
         for k in ('preset', 'dataset', 'unet', 'device'):
             need(lambda: isinstance(g(k), str) and g(k) != '', k, f"{k} must be a non-empty string, got {g(k)!r}")
@@ -475,9 +476,32 @@ def set_deterministic(on:bool) -> dict:
     torch.use_deterministic_algorithms(bool(on), warn_only=True)  # an op without a deterministic kernel warns, it does not crash
     return old
 
+# %% ../nbs/07_train.ipynb #bcc27bef
+import warnings
+
+class MaybeCompiled:
+    "`torch.compile(module)` as a callable that falls back to the eager module, with a warning naming `option`, if compiling fails."
+    def __init__(self, module, # the module (or DDP wrapper) to compile
+                 option:str='compile', # the option's name, for the warning
+                 **compile_kw): # passed to torch.compile (e.g. mode='max-autotune', backend='eager')
+        self.module, self.option = module, option
+        try: self.compiled = torch.compile(module, **compile_kw)
+        except Exception as e: self.compiled = self._fail(e)
+
+    def _fail(self, e):
+        warnings.warn(f"{self.option}=True: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running the UNet eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+    def __call__(self, *args, **kw):
+        if self.compiled is not None:
+            try: return self.compiled(*args, **kw)
+            except Exception as e: self.compiled = self._fail(e)  # the eager call below raises again if the input is at fault
+        return self.module(*args, **kw)
+
 # %% ../nbs/07_train.ipynb #e3114b03
 _RUNTIME_KEYS = {'device', 'num_workers', 'max_steps', 'log_every', 'checkpoint_every', 'data_root', 'cache_dir',
-                 'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32', 'deterministic'}
+                 'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32', 'deterministic', 'compile'}
 
 def _jsonable(x): return json.loads(json.dumps(x))
 
@@ -583,6 +607,7 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_json(self.run_dir / 'config.json')

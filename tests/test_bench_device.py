@@ -18,7 +18,9 @@ def test_device_script_dry_runs_every_section(tmp_path):
     for l in lines:
         assert {'section', 'name', 't'} <= set(l)
         by.setdefault(l['section'], []).append(l)
-    assert list(by) == ['start', 'parity', 'train', 'sample', 'fast-train', 'fast-sample', 'attention', 'phantom', 'end']
+    assert list(by) == ['start', 'parity', 'train', 'sample', 'fast-train', 'fast-sample', 'attention', 'folds', 'phantom', 'end']
+    ens = {l['batched']: l for l in by['folds'] if l['name'] == 'ensemble'}
+    assert set(ens) == {False, True} and by['folds'][-1]['max_restoration_diff'] < 1e-3
     assert all(l['ok'] for l in by['parity']) and {l['name'] for l in by['parity']} == {'unet-tiny', 'sampler-chain', 'ssim-maps', 'metrics'}
     tr = [l for l in by['train'] if l['name'] == 'train']
     assert {(l['stack'], l['compiled']) for l in tr} == {('condiff', False), ('official', False), ('condiff', True)}

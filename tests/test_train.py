@@ -422,3 +422,35 @@ def test_one_tf32_api():
     import re
     src = ''.join(p.read_text() for p in (REPO / 'condiff').glob('*.py'))
     assert not re.search(r'backends\.(cuda\.matmul|cudnn)\.allow_tf32', src)
+
+
+@pytest.mark.slow
+def test_compiled_unet_equals_eager():
+    """TrainConfig.compile / restore_dataset(compile=True): torch.compile (inductor) of the tiny UNet equals eager to float tolerance.
+    Slow (~7 min for forward and backward on the loaded 2-core VM; deselected by default, run with `pytest -m slow`)."""
+    import warnings
+    from condiff.unet import build_unet
+    torch.manual_seed(0)
+    m = build_unet('tiny')
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        c = T.MaybeCompiled(m, 'compile')
+        got = c(x, t, x); got.square().mean().backward()
+        g_c = [p.grad.clone() for p in m.parameters()]; m.zero_grad()
+    assert not [x for x in w if 'compile=True' in str(x.message)], [str(x.message) for x in w]  # it really compiled
+    ref = m(x, t, x); ref.square().mean().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_c, (p.grad for p in m.parameters())): torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_falls_back_with_a_warning():
+    from condiff.unet import build_unet
+    torch.manual_seed(0)
+    m = build_unet('tiny').eval()
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([5])
+    with pytest.warns(RuntimeWarning, match='compile=True: torch.compile failed'):
+        c = T.MaybeCompiled(m, 'compile', backend='no-such-backend')
+        got = c(x, t, x)
+    assert torch.equal(got, m(x, t, x)) and c.compiled is None
+    with pytest.raises(ValueError, match='compile must be True or False'): TrainConfig.from_preset('tiny', compile='yes')
