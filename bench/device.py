@@ -449,7 +449,7 @@ def configs(dry: bool, out: Path):
         return dict(folds={**common, 'preset': 'tiny'}, paper={**common, 'preset': 'tiny'}, fast={**common, 'preset': 'tiny'}, attention={**common, 'preset': 'tiny'},
                     phantom={**common, 'preset': 'tiny'}, parity=common)
     common = dict(size=128, train_batches=[16, 32], precisions=['bf16', 'fp16'], compiled=[(32, 'bf16')], warmup=3, iters=10,
-                  config_s=25, compile_s=150, sample_batches=[32, 128], sample_steps=5, sample_iters=2,
+                  config_s=25, compile_s=90, sample_batches=[32, 128], sample_steps=5, sample_iters=2,
                   parity_presets=['tiny', 'paper'], attn_batch=32, workers=8, phantom_subjects=12, phantom_slice_step=None,
                   ens_folds=10, ens_batch=16, phantom_batch=32,
                   phantom_s=180, phantom_reserve_s=45, phantom_restore=4, phantom_steps=50, work='/tmp/condiff-device')
