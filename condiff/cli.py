@@ -23,10 +23,10 @@ from .checks import (BadInput, check_int, check_float, check_choice, check_devic
 __all__ = ['RUN_DEFAULTS', 'PAIRED', 'NIFTI_SUFFIXES', 'IMAGE_SUFFIXES', 'family_dir', 'fold_dir', 'eval_dir', 'ensemble_dir',
            'ReproduceConfig', 'parse_folds', 'check_train_overrides', 'fold_family', 'check_same_family',
            'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold', 'load_testset', 'subsample',
-           'evaluate', 'ensemble_folds', 'git_commit', 'collect_results', 'make_table1', 'figure3_panels',
-           'make_figure3', 'machine_info', 'package_versions', 'write_manifest', 'reproduce', 'VolumeGeometry',
-           'volume_to_slices', 'slices_to_volume', 'load_ensemble', 'ensemble_restore', 'detect_outputs', 'detect',
-           'build_parser', 'main']
+           'evaluate', 'evaluate_family', 'ensemble_folds', 'git_commit', 'collect_results', 'make_table1',
+           'figure3_panels', 'make_figure3', 'machine_info', 'package_versions', 'write_manifest', 'reproduce',
+           'VolumeGeometry', 'volume_to_slices', 'slices_to_volume', 'load_ensemble', 'ensemble_restore',
+           'detect_outputs', 'detect', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #7bb4459c
 def family_dir(runs, # root of the run folders
@@ -85,8 +85,10 @@ class ReproduceConfig:
     test_images: int|None = None  # evaluate on this many test images per set (None: all; for smoke runs)
     train_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields, e.g. {'num_workers': 4}
     n_examples: int = 2  # Figure 3 examples per test set
-    jobs: int|None = None  # folds run at the same time, each in its own process (None: CPU cores // threads; 1 on CUDA)
+    jobs: int|None = None  # folds run at the same time, each in its own process (None: CPU cores // threads; on CUDA GPUs × folds_per_gpu)
     threads: int|None = 1  # torch CPU threads per job (fixed, so the numbers do not depend on `jobs`; None: leave as is)
+    folds_per_gpu: int = 1  # device 'cuda'/'auto': folds at once on each visible GPU (each worker process keeps one GPU)
+    batched_folds: bool|None = None  # evaluate all folds of a test set in one batched pass (None: on CUDA yes, on the CPU no)
 
     def __post_init__(self):
         self.device = check_device('device', self.device, available=False)  # a config may be written for another machine
@@ -104,6 +106,7 @@ class ReproduceConfig:
             if getattr(self, k) is None: setattr(self, k, d[k])
         for k in ('max_steps', 'num_steps', 'eval_batch_size', 'n_examples'): check_int(k, getattr(self, k), 1, none=k == 'max_steps')
         for k in ('jobs', 'threads'): check_int(k, getattr(self, k), 1, none=True)
+        check_int('folds_per_gpu', self.folds_per_gpu, 1)
         check_int('test_images', self.test_images, 2, none=True)  # both classes
         check_choice('sampler', self.sampler, ('ddpm', 'ddim'))
         for k in ('seed', 'eval_seed', 'data_seed'): check_int(k, getattr(self, k), 0)
@@ -114,10 +117,25 @@ class ReproduceConfig:
 
     def resolved_jobs(self) -> tuple: # (jobs, threads per job)
         "How many folds run at once and with how many CPU threads each."
-        if not str(self.device).startswith('cpu'): return 1, None  # one GPU: one process, torch's own threads
+        devs = self.job_devices()
+        if devs[0].startswith('cuda'):  # one or more worker processes per visible GPU
+            j = self.jobs if self.jobs is not None else len(devs) * self.folds_per_gpu
+            return int(j), (None if j == 1 else self.threads)  # one process: torch's own threads
         t = self.threads
         j = self.jobs if self.jobs is not None else max(1, (os.cpu_count() or 1) // (t or 1))
         return int(j), t
+
+    def job_devices(self) -> list: # the devices worker k uses: devices[k % len(devices)]
+        "'cuda' (or 'auto' with CUDA): every visible GPU, 'cuda:0' ... 'cuda:N-1'; otherwise the one device named."
+        d = str(self.device)
+        if d == 'auto':
+            import torch
+            d = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if d == 'cuda':
+            import torch
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return [f'cuda:{i}' for i in range(n)] or ['cuda']
+        return [d]
 
     def to_dict(self) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -310,6 +328,26 @@ def evaluate(testset:str, # a TESTSETS name
                              batch_size=batch_size if batch_size is not None else d['eval_batch_size'],
                              device=device, which=_which(rd), progress=progress)
 
+def evaluate_family(testset:str, # a TESTSETS name
+                    folds=tuple(range(10)), # the folds to evaluate
+                    preset:str='tiny', runs='runs', device:str='cpu',
+                    sampler:str|None=None, num_steps:int|None=None, batch_size:int|None=None, # None: RUN_DEFAULTS[preset]
+                    seed:int=0, data:SliceSet|None=None,
+                    batched:bool|None=None, # all folds in one pass (None: batched on CUDA, per fold on the CPU)
+                    progress:bool=True, **load_kw) -> list: # one metrics dict per fold
+    "`evaluate` for several folds at once (`condiff.inference.evaluate_folds`): the same results, batched over the folds."
+    from condiff.inference import evaluate_folds
+    d = RUN_DEFAULTS.get(preset, RUN_DEFAULTS['paper'])
+    folds = parse_folds(folds)
+    rds = [fold_dir(runs, testset, preset, f) for f in folds]
+    for f, rd in zip(folds, rds):
+        if not (rd / 'config.json').is_file(): raise FileNotFoundError(f"{rd}: fold {f} of {get_testset(testset).family} "
+                                                                       f"({preset}) is not trained; run `condiff train` first")
+    ss = data if data is not None else load_testset(testset, **load_kw)
+    return evaluate_folds(rds, ss, [eval_dir(runs, testset, preset, f) for f in folds], sampler=sampler or d['sampler'],
+                          num_steps=num_steps or d['num_steps'], seed=seed, batch_size=batch_size or d['eval_batch_size'],
+                          device=device, which=[_which(rd) for rd in rds], batched=batched, progress=progress)
+
 def ensemble_folds(testset:str, # a TESTSETS name
                    folds=tuple(range(10)), # the folds to average
                    preset:str='tiny', runs='runs', progress:bool=True,
@@ -478,9 +516,28 @@ def _mtime(p:Path):
     try: return p.stat().st_mtime_ns
     except OSError: return None
 
+_WORKER_DEVICE = None  # set in each `reproduce` worker process that owns one GPU
+
+def _init_worker(parent_pid:int, queue=None):
+    "A reproduce worker: die with the parent (`die_with_parent`), and keep one GPU from `queue` if one is given."
+    die_with_parent(parent_pid)
+    if queue is not None: _pin_worker(queue)
+
+def _pin_worker(queue):
+    "ProcessPoolExecutor initializer: this worker takes the next device from `queue` for all its steps."
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = queue.get()
+
+def _on_device(kind:str, kw:dict, device:str|None) -> dict:
+    "The step's arguments with its device replaced by `device` (None: unchanged)."
+    if device is None: return kw
+    if kind == 'train': return {**kw, 'config': {**kw['config'], 'device': device}}
+    return {**kw, 'device': device}
+
 def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict:
     "One step of `reproduce` ('train' or 'evaluate'), runnable in a worker process; returns a small summary."
     import torch
+    kw = _on_device(kind, kw, _WORKER_DEVICE)
     old = torch.get_num_threads()
     if threads: torch.set_num_threads(int(threads))
     try:
@@ -491,6 +548,12 @@ def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict
             rd, was = train_fold(cfg, kw['runs'], progress)
             st = run_status(rd)
             return dict(skipped=was, step=st.get('step'), stop_reason=st.get('stop_reason'), wall_s=time.perf_counter() - t0)
+        if kind == 'evaluate_family':
+            ps = [eval_dir(kw['runs'], kw['testset'], kw['preset'], f) / 'metrics.json' for f in kw['folds']]
+            before = [_mtime(p) for p in ps]
+            ms = evaluate_family(progress=progress, **kw)
+            return dict(folds=[dict(skipped=b is not None and b == _mtime(p), **{k: m[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')},
+                                    restore_s=m.get('timing', {}).get('restore_s')) for p, b, m in zip(ps, before, ms)])
         if kind == 'evaluate':
             p = eval_dir(kw['runs'], kw['testset'], kw['preset'], kw['fold']) / 'metrics.json'
             before = _mtime(p)
@@ -500,15 +563,19 @@ def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict
         raise ValueError(f"unknown step kind {kind!r}")
     finally: torch.set_num_threads(old)
 
-def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done):
-    "Run [(kind, kw, label), ...] in this process (jobs 1) or in `jobs` spawned processes; `on_done(label, result)`."
+def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done, devices:list|None=None):
+    "Run [(kind, kw, label), ...] in this process (jobs 1) or in `jobs` spawned processes (worker k on `devices[k % n]`)."
     if jobs <= 1:
         for kind, kw, label in steps: on_done(label, _work(kind, kw, threads, progress))
         return
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
     # workers die with this process (even after `kill -9`): no orphan goes on training a fold
-    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn'), initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
+    ctx, q = get_context('spawn'), None
+    if devices and len(devices) > 1:  # several GPUs: each worker process keeps one for every step it runs
+        q = ctx.Queue()
+        for k in range(jobs): q.put(devices[k % len(devices)])
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), q)) as ex:
         futs = {ex.submit(_work, kind, kw, threads, False): label for kind, kw, label in steps}
         try:
             for fu in as_completed(futs): on_done(futs[fu], fu.result())
@@ -532,11 +599,17 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
     fams = {}
     for t in cfg.testsets: fams.setdefault(TESTSETS[t].family, []).append(t)
     jobs, threads = cfg.resolved_jobs()
+    devices = cfg.job_devices()
+    if cfg.batched_folds is not None: batched = cfg.batched_folds
+    else:
+        from condiff.inference import batched_folds_default
+        batched = batched_folds_default(devices[0].split(':')[0])
     n_steps = len(fams) * len(cfg.folds) + len(cfg.testsets) * (len(cfg.folds) + 1) + 3
     bar = tqdm(total=n_steps, desc='reproduce', unit='step', disable=not progress, position=0)
     def stage(name, t_start): stages[name] = round(stages.get(name, 0) + time.perf_counter() - t_start, 2)
     say(f"reproduce: {', '.join(cfg.testsets)}; preset {cfg.preset}; folds {','.join(map(str, cfg.folds))}; "
-        f"{cfg.device}, {jobs} job(s) x {threads or 'default'} thread(s)")
+        f"{cfg.device}, {jobs} job(s) x {threads or 'default'} thread(s)"
+        + (f", spread over {len(devices)} GPUs ({', '.join(devices)})" if len(devices) > 1 else ''))
     try:
         # 0. build (or load from cache) every dataset once, before any worker needs it
         ts0 = time.perf_counter()
@@ -544,7 +617,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
         for fam, ts_names in fams.items():
             for f in cfg.folds:
                 tc = train_config(ts_names[0], f, cfg.preset, cfg.device, cfg.seed, cfg.max_steps, cfg.data_root,
-                                  **cfg.train_overrides)
+                                  **{'data_seed': cfg.data_seed, **cfg.train_overrides})
                 tsteps.append(('train', dict(config=tc.to_dict(), runs=str(cfg.runs)), f"{fam}/fold{f}"))
             train_cfgs[fam] = {**tc.to_dict(), 'fold': list(cfg.folds)}
             if tc.train_data is None or tc.val_data is None:
@@ -559,7 +632,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             if r['skipped']: skipped['train'].append(label); say(f"train {label}: finished before, skipped")
             else: say(f"train {label}: done, {r['step']} steps ({r['stop_reason']}), {r['wall_s']:.0f} s")
             bar.update(1)
-        _run_steps(tsteps, jobs, threads, progress, trained)
+        _run_steps(tsteps, jobs, threads, progress, trained, devices)
         stage('train', ts0)
         # 2. evaluate every fold on every test set
         ts0 = time.perf_counter()
@@ -572,8 +645,15 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             if r['skipped']: skipped['evaluate'].append(label)
             say(f"evaluate {label}: AP_i {r['AP_i']:.3f} AP_p {r['AP_p']:.3f}" + (" (stored result, skipped)" if r['skipped'] else ''))
             bar.update(1)
-        _run_steps(esteps, jobs, threads, progress, evaluated)
-        skipped['evaluate'].sort(key=lambda l: [x for _, _, x in esteps].index(l))
+        elabels = [x for _, _, x in esteps]
+        if batched and len(cfg.folds) > 1:  # one step per test set: its folds restored together (FoldStack)
+            per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
+            esteps = [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
+                                           'batched': True}, t) for t in cfg.testsets]
+            _run_steps(esteps, jobs, threads, progress,
+                       lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
+        else: _run_steps(esteps, jobs, threads, progress, evaluated, devices)
+        skipped['evaluate'].sort(key=elabels.index)
         stage('evaluate', ts0)
         # 3. the ensembles
         ts0 = time.perf_counter()
@@ -606,7 +686,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
                                         data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)}
     man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                wall_s=round(time.perf_counter() - t0, 1), stage_wall_s=stages, skipped=skipped,
-               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads,
+               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices, batched_folds=batched,
                train_configs=train_cfgs,
                seeds=dict(train=cfg.seed, sampling=cfg.eval_seed, phantom_data=cfg.data_seed,
                           note='training seed = TrainConfig.seed of every fold; each test slice i is sampled with '
@@ -690,16 +770,19 @@ def ensemble_restore(models, # from `load_ensemble`
                      modality:str, # 'MRI' or 'RF'
                      ids, # one id per image (seeds the sampling noise)
                      seed:int=0, sampler:str='ddpm', num_steps:int=50, batch_size:int=16, device='cpu',
-                     progress:bool=True) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
+                     progress:bool=True,
+                     batched:bool|None=None, # all folds in one pass (None: condiff.inference.batched_folds_default)
+                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
     "Restore `images` with every fold, average the SSIM maps, return the closest fold's restorations."
     import torch
-    from condiff.inference import restore_dataset, slice_seeds
+    from condiff.inference import restore_folds, slice_seeds
     from condiff.ssim import anomaly_map
     y = to_model_space(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), modality)
     seeds = slice_seeds(seed, ids)
+    allr = restore_folds([m for _, m, _ in models], y, seeds, sampler, num_steps, batch_size=batch_size, device=device,
+                         batched=batched, progress=progress)
     maps, rests = [], []
-    for name, model, _ in tqdm(models, desc='folds', disable=not progress or len(models) < 2, leave=False):
-        r = restore_dataset(model, y, seeds, sampler, num_steps, batch_size=batch_size, device=device, progress=progress)
+    for r in allr:
         maps.append(anomaly_map(r, y, modality).numpy()); rests.append(r.numpy().astype(np.float16))
     fm = np.stack(maps)
     mean = fm.mean(0)
@@ -740,7 +823,9 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
            folds=None, # restrict to these folds
            zero_below:float=1e-4, # NIfTI: values below this are background (official 1e-4; ATLAS data 0.1)
            overwrite:bool=False, # replace existing outputs
-           progress:bool=True) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
+           progress:bool=True,
+           batched_folds:bool|None=None, # restore with all folds in one pass (None: batched on CUDA, per fold on the CPU)
+          ) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
     path = check_in_file('input', path)
     device, seed = check_device('device', device), check_int('seed', seed, 0)
@@ -791,7 +876,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
     rest = np.zeros_like(slices)
     m, r, best = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
-                                  sampler, num_steps, batch_size, device, progress)
+                                  sampler, num_steps, batch_size, device, progress, batched_folds)
     maps[keep], rest[keep] = m, r
     if nifti:
         import nibabel as nib
@@ -863,6 +948,12 @@ def _add_sampling(p):
     p.add_argument('--batch-size', type=int, default=None, help='test images per UNet call')
     p.add_argument('--seed', type=int, default=0, help='base seed of the sampling noise (default: 0)')
 
+def _add_fold_batching(p):
+    p.add_argument('--fold-batching', default='auto', choices=['auto', 'on', 'off'],
+                   help='restore with all folds in one batched pass: auto = on for CUDA, off for the CPU (default: auto)')
+
+def _fold_batching(a): return {'auto': None, 'on': True, 'off': False}[a.fold_batching]
+
 def _parse_sets(items) -> dict:
     out = {}
     for it in items or []:
@@ -917,6 +1008,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TrainConfig override for every fold')
     p.add_argument('--from-scratch', action='store_true', help="cpu preset: train every fold from a random initialisation "
                    "instead of fine-tuning the shipped base model (use another --runs and --out)")
+    p.add_argument('--data-seed', type=int, default=0, help='seed of the phantom datasets, training and test (default: 0)')
+    p.add_argument('--jobs', type=int, default=None, help='folds at once, one process each (default: CPU cores; on CUDA GPUs x --folds-per-gpu)')
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads per job (default: 1)')
+    p.add_argument('--folds-per-gpu', type=int, default=1, help="device cuda/auto: folds at once on each visible GPU (default: 1)")
+    _add_fold_batching(p)
     _add_sampling(p); _add_common(p, testsets=True)
     p = sub.add_parser('pretrain', help="train a shipped base model of the CPU default",
                        description="Train the CPU default's base model of KIND (mri: T1 and T2 phantom brains; rf: phantom fundus) "
@@ -941,6 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--zero-below', type=float, default=1e-4, help='NIfTI background threshold (official: 1e-4; ATLAS 0.1)')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_fold_batching(p)
     _add_sampling(p)
     p.set_defaults(num_steps=None)
     return P
@@ -982,7 +1079,9 @@ def main(argv=None):
                                   out=a.out, seed=a.train_seed, eval_seed=a.seed, data_root=a.data_root,
                                   max_steps=a.max_steps, sampler=a.sampler, num_steps=a.num_steps,
                                   eval_batch_size=a.batch_size, test_images=a.test_images,
-                                  train_overrides=_parse_sets(a.set), n_examples=a.examples, from_scratch=a.from_scratch)
+                                  train_overrides=_parse_sets(a.set), n_examples=a.examples, from_scratch=a.from_scratch,
+                                  data_seed=a.data_seed, jobs=a.jobs, threads=a.threads, folds_per_gpu=a.folds_per_gpu,
+                                  batched_folds=_fold_batching(a))
             reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
         elif a.command == 'pretrain':
             if a.max_steps < 1 or a.threads < 1: raise ValueError(f"--max-steps and --threads must be >= 1, got {a.max_steps}, {a.threads}")
@@ -992,7 +1091,7 @@ def main(argv=None):
             print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, progress=progress))
         elif a.command == 'detect':
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size,
-                       a.folds, a.zero_below, a.overwrite, progress)
+                       a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))
             print(json.dumps(r, default=str))
     except BadInput as e:  # the shared rules (condiff.checks), with the option spelled as this command's flag
         P.exit(2, f"{prog}: error: {e.message(_FLAGS.get(a.command, {}).get(e.option) or cli_flag(e.option))}\n")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['PREDICTION_TYPES', 'NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps',
            'check_prediction_type', 'min_snr_weight', 'prediction_target', 'eps_from_prediction', 'diffusion_loss',
-           'StridedSampler', 'DDPMSampler', 'DDIMSampler', 'restore']
+           'StridedSampler', 'DDPMSampler', 'DDIMSampler', 'step_noise', 'restore']
 
 # %% ../nbs/00_ddpm.ipynb #4095c751
 def _is_int(x) -> bool:
@@ -57,11 +57,18 @@ class NoiseSchedule:
                              f"got min {int(t.min())}, max {int(t.max())}")
         return t.long()
 
-    def snr(self, t) -> torch.Tensor:
+    def table(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        "ᾱ_t on `device` as `dtype`, copied once per (device, dtype) and cached: no host-to-device copy per step."
+        key = (torch.device(device or 'cpu'), dtype)
+        cache = self.__dict__.setdefault('_tables', {})
+        if key not in cache: cache[key] = self.alphas_cumprod.to(device=key[0], dtype=dtype)
+        return cache[key]
+
+    def snr(self, t, check:bool=True) -> torch.Tensor:
         "SNR_t = ᾱ_t/(1-ᾱ_t) per timestep (float32, on `t`'s device), computed like diffusers' `compute_snr`."
         if _is_int(t): t = torch.tensor([int(t)])
-        t = self.check_timesteps(t, t.shape[0] if t.ndim else 1)
-        ac = self.alphas_cumprod.to(t.device)
+        if check: t = self.check_timesteps(t, t.shape[0] if t.ndim else 1)
+        ac = self.table(t.device)
         return ((ac ** 0.5)[t].float() / ((1.0 - ac) ** 0.5)[t].float()) ** 2
 
 # %% ../nbs/00_ddpm.ipynb #cf855a2b
@@ -82,12 +89,15 @@ def q_sample(sched:NoiseSchedule, # the noise schedule
              x0:torch.Tensor, # clean images, B×C×H×W
              t, # timesteps, LongTensor [B] (or an int for all samples)
              noise:torch.Tensor, # ε, same shape as `x0`
+             check:bool=True, # validate the inputs (False: the caller did, once; no host syncs)
             ) -> torch.Tensor: # x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε
     "Diffuse `x0` to timestep `t` with the given noise (diffusers' `add_noise`)."
-    _check_tensor(x0, 'x0'); _check_tensor(noise, 'noise')
-    if noise.shape != x0.shape: raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
-    t = sched.check_timesteps(t, x0.shape[0]).to(x0.device)
-    ac = sched.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    if check:
+        _check_tensor(x0, 'x0'); _check_tensor(noise, 'noise')
+        if noise.shape != x0.shape: raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+        t = sched.check_timesteps(t, x0.shape[0])
+    t = t.to(x0.device)
+    ac = sched.table(x0.device, x0.dtype)
     sqrt_ab = _bcast(ac[t] ** 0.5, x0.ndim)
     sqrt_1m_ab = _bcast((1 - ac[t]) ** 0.5, x0.ndim)
     return sqrt_ab * x0 + sqrt_1m_ab * noise
@@ -163,14 +173,14 @@ def min_snr_weight(sched:NoiseSchedule, # the noise schedule
                    t, # timesteps, LongTensor [B]
                    gamma:float=1.0, # the Min-SNR γ
                    prediction_type:str='epsilon', # the objective the weight multiplies: 'epsilon', 'sample' or 'v_prediction'
+                   check:bool=True, # validate `t` (False: the caller did)
                   ) -> torch.Tensor: # per-sample weights, float32: min(SNR_t, γ)/SNR_t for ε
     "Min-SNR-γ weights (x0-error weight min(SNR, γ)) for the ε objective (diffusers' training examples), x0 or v."
     if not (isinstance(gamma, numbers.Real) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    snr = sched.snr(t)
+    snr = sched.snr(t, check=check)
     w = torch.clamp(snr, max=gamma)
     return {'epsilon': w / snr, 'sample': w, 'v_prediction': w / (snr + 1)}[check_prediction_type(prediction_type)]
-
 
 # %% ../nbs/00_ddpm.ipynb #acc1e08c
 def prediction_target(sched:NoiseSchedule, # the noise schedule
@@ -210,15 +220,18 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
                    reduction:str='mean', # 'mean' (a scalar) or 'none' (the B weighted per-sample losses)
                    prediction_type:str='epsilon', # what model_fn outputs: 'epsilon' (paper), 'sample' (x0) or 'v_prediction'
                    anomaly_weight:float=0.0, # extra weight on pixels the corruption changed: 1 + w·[|x0 − cond| > 1e-3] (0: paper)
+                   check:bool=True, # validate inputs (False: trusted, already-checked inputs, e.g. the training loop; no host syncs)
                   ) -> torch.Tensor:
     "Min-SNR-weighted prediction MSE of the official trainer (ε objective), or of the x0 / v objective."
     if reduction not in ('mean', 'none'): raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     check_prediction_type(prediction_type)
-    _check_tensor(x0, 'x0'); _check_tensor(cond, 'cond')
-    if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
-        raise ValueError(f"cond shape {tuple(cond.shape)} does not match x0 shape {tuple(x0.shape)} (batch and spatial size)")
-    t = sched.check_timesteps(t, x0.shape[0]).to(x0.device)
-    x_t = q_sample(sched, x0, t, noise)
+    if check:
+        _check_tensor(x0, 'x0'); _check_tensor(cond, 'cond')
+        if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"cond shape {tuple(cond.shape)} does not match x0 shape {tuple(x0.shape)} (batch and spatial size)")
+        t = sched.check_timesteps(t, x0.shape[0])
+    t = t.to(x0.device)
+    x_t = q_sample(sched, x0, t, noise, check=check)
     out = model_fn(x_t, t, cond)
     if out.shape != noise.shape:
         raise ValueError(f"model_fn returned shape {tuple(out.shape)}, expected {tuple(noise.shape)}")
@@ -226,9 +239,8 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
     pix = F.mse_loss(out.float(), target.float(), reduction='none')
     if anomaly_weight: pix = pix * (1 + float(anomaly_weight) * ((x0 - cond).abs() > 1e-3).float())
     per = pix.mean(dim=tuple(range(1, x0.ndim)))
-    if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma, prediction_type)
+    if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma, prediction_type, check=check)
     return per.mean() if reduction == 'mean' else per
-
 
 # %% ../nbs/00_ddpm.ipynb #3758d28e
 class StridedSampler:
@@ -250,7 +262,8 @@ class StridedSampler:
         self._tset = set(self.timesteps.tolist())
         return self
 
-    def _check(self, model_output, t, x_t):
+    def _check(self, model_output, t, x_t, check:bool=True):
+        if not check: return int(t)  # trusted caller (`restore`): no NaN scans, no host syncs
         if self.timesteps is None: raise ValueError(f"{type(self).__name__}.step() called before set_timesteps(n)")
         _check_tensor(x_t, 'x_t'); _check_tensor(model_output, 'model_output')
         if model_output.shape != x_t.shape:
@@ -263,9 +276,10 @@ class StridedSampler:
                              f"({int(self.timesteps[0])}, ..., {int(self.timesteps[-1])}, step {self.step_ratio})")
         return int(t)
 
-    def _noise(self, x_t, noise, generator):
+    def _noise(self, x_t, noise, generator, check:bool=True):
         if noise is not None and generator is not None: raise ValueError("pass either noise or generator to step(), not both")
         if noise is None: return randn_tensor(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)
+        if not check: return noise.to(device=x_t.device, dtype=x_t.dtype)
         _check_tensor(noise, 'noise')
         if noise.shape != x_t.shape: raise ValueError(f"noise shape {tuple(noise.shape)} does not match x_t shape {tuple(x_t.shape)}")
         return noise.to(device=x_t.device, dtype=x_t.dtype)
@@ -288,6 +302,7 @@ class DDPMSampler(StridedSampler):
         self.one = torch.tensor(1.0)
 
     def _opts(self): return dict(clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range)
+    def draws_noise(self, t:int) -> bool: return t > 0  # the last step adds no noise
 
     def step(self,
              model_output:torch.Tensor, # ε̂ from the network, shape of x_t
@@ -296,9 +311,10 @@ class DDPMSampler(StridedSampler):
              noise:torch.Tensor|None=None, # z for the step noise (default: drawn from `generator`)
              generator=None, # None, a torch.Generator, or a list of generators (one per sample)
              return_x0:bool=False, # also return x̂0
+             check:bool=True, # validate the inputs (False: `restore` checked them once)
             ):
         "One reverse step t -> t - k; returns x_{t-k} (and x̂0 if `return_x0`)."
-        t = self._check(model_output, t, x_t)
+        t = self._check(model_output, t, x_t, check)
         prev_t = t - self.step_ratio
         ac = self.schedule.alphas_cumprod
         alpha_prod_t = ac[t]
@@ -312,7 +328,7 @@ class DDPMSampler(StridedSampler):
         xt_coeff = current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t
         x_prev = x0_coeff * x0 + xt_coeff * x_t
         if t > 0:
-            z = self._noise(x_t, noise, generator)
+            z = self._noise(x_t, noise, generator, check)
             variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
             x_prev = x_prev + variance ** 0.5 * z
         self.pred_x0 = x0
@@ -336,6 +352,7 @@ class DDIMSampler(StridedSampler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.schedule.alphas_cumprod[0]
 
     def _opts(self): return dict(eta=self.eta, clip_sample=self.clip_sample, set_alpha_to_one=self.set_alpha_to_one)
+    def draws_noise(self, t:int) -> bool: return self.eta > 0
 
     def step(self,
              model_output:torch.Tensor, # ε̂ from the network, shape of x_t
@@ -344,9 +361,10 @@ class DDIMSampler(StridedSampler):
              noise:torch.Tensor|None=None, # z for the step noise when eta > 0 (default: drawn from `generator`)
              generator=None, # None, a torch.Generator, or a list of generators (one per sample)
              return_x0:bool=False, # also return x̂0
+             check:bool=True, # validate the inputs (False: `restore` checked them once)
             ):
         "One DDIM step t -> t - k; returns x_{t-k} (and x̂0 if `return_x0`)."
-        t = self._check(model_output, t, x_t)
+        t = self._check(model_output, t, x_t, check)
         prev_t = t - self.step_ratio
         ac = self.schedule.alphas_cumprod
         alpha_prod_t = ac[t]
@@ -358,11 +376,33 @@ class DDIMSampler(StridedSampler):
         std_dev_t = self.eta * variance ** 0.5
         direction = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * model_output
         x_prev = alpha_prod_t_prev ** 0.5 * x0 + direction
-        if self.eta > 0: x_prev = x_prev + std_dev_t * self._noise(x_t, noise, generator)
+        if self.eta > 0: x_prev = x_prev + std_dev_t * self._noise(x_t, noise, generator, check)
         self.pred_x0 = x0
         return (x_prev, x0) if return_x0 else x_prev
 
 # %% ../nbs/00_ddpm.ipynb #7934201b
+def step_noise(shape, # the full shape, batch first
+               generator, # a CPU torch.Generator or a list of them (one per sample)
+               device, # where the noise goes
+               dtype=torch.float32, # its dtype there
+               pin:bool|None=None, # draw into pinned host memory and copy without blocking (None: on CUDA)
+              ) -> torch.Tensor:
+    "`randn_tensor(shape, generator, device, dtype)`, the same numbers; on CUDA drawn into pinned memory and sent asynchronously."
+    device = torch.device(device)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if pin is None: pin = device.type == 'cuda'
+    if not pin or any(g is None or g.device.type != 'cpu' for g in gens): return randn_tensor(shape, generator, device, dtype)
+    return _draw_host(shape, generator, pin=True).to(device=device, dtype=dtype, non_blocking=True)
+
+def _draw_host(shape, generator, pin:bool=False) -> torch.Tensor:
+    "CPU float32 N(0,1) draws into one (optionally pinned) buffer: row i from generator i, as `randn_tensor`."
+    buf = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=pin)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]: raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; need one per sample")
+        for i, g in enumerate(generator): torch.randn(tuple(shape[1:]), generator=g, out=buf[i])
+    else: torch.randn(tuple(shape), generator=generator, out=buf)
+    return buf
+
 @torch.no_grad()
 def restore(model_fn:Callable, # model_fn(x_t, t, cond) -> ε̂; t is a LongTensor [B]
             cond:torch.Tensor, # the images to restore (conditioning), B×C×H×W in model space
@@ -387,9 +427,12 @@ def restore(model_fn:Callable, # model_fn(x_t, t, cond) -> ε̂; t is a LongTens
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     sampler.set_timesteps(num_steps)
     x = randn_tensor(cond.shape, gens, device=cond.device, dtype=cond.dtype)
+    ahead = gens is not None  # seeded streams: this step's noise is drawn while the device runs the UNet
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc='sampling', disable=not progress, leave=False)):
         t_batch = torch.full((B,), t, dtype=torch.long, device=cond.device)
-        eps = model_fn(x, t_batch, cond)
-        x = sampler.step(eps, t, x, generator=gens)
+        eps = model_fn(x, t_batch, cond)  # asynchronous on CUDA
+        z = step_noise(x.shape, gens, x.device, x.dtype) if ahead and sampler.draws_noise(t) else None
+        x = sampler.step(eps, t, x, noise=z, generator=None if ahead else gens, check=False)
         if callback is not None: callback(i, t, x, sampler.pred_x0)
+    if not bool(torch.isfinite(x).all()): raise ValueError("the restoration contains NaN or Inf: model_fn returned non-finite values")
     return x

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'EVAL_FORMAT', 'METRIC_KEYS', 'STD_DDOF', 'slice_seed', 'slice_seeds', 'TensorFileWriter', 'TensorFile',
-           'make_sampler', 'model_channels', 'check_images', 'restore_dataset', 'sliceset_fingerprint', 'pack_bits',
-           'unpack_bits', 'evaluate_model', 'evaluate_fold', 'read_eval', 'ensemble']
+           'make_sampler', 'model_channels', 'check_images', 'restore_dataset', 'GraphedModelFn', 'FoldStack',
+           'batched_folds_default', 'restore_folds', 'sliceset_fingerprint', 'pack_bits', 'unpack_bits',
+           'evaluate_model', 'evaluate_fold', 'evaluate_folds', 'read_eval', 'ensemble']
 
 # %% ../nbs/08_inference.ipynb #ce6a5b05
 def slice_seed(seed:int, # the run's base seed
@@ -218,6 +219,8 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
                     device=None, # None = the model's device
                     dtype=None, # UNet autocast dtype: None = bf16 on CUDA, fp32 on CPU
                     progress=True, # show a tqdm bar (or pass a tqdm bar to update)
+                    cuda_graphs:bool=False, # CUDA only: capture the UNet call once per batch shape and replay it every step
+                    compile:bool=False, # torch.compile the UNet (`condiff.train.MaybeCompiled`: eager with a warning if it fails)
                    ) -> torch.Tensor: # N×C×H×W float32 restorations in model space, on the CPU
     "Restore every image by sampling from pure noise conditioned on it at every step, one seeded noise stream per image."
     x = check_images(images, model_channels(model))
@@ -230,10 +233,16 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
     amp, _ = _precision(device, dtype)
     smp = make_sampler(sampler, eta)
     pred = getattr(model, 'config', {}).get('prediction_type', 'epsilon')  # ε (paper), x0 or v: the samplers take ε̂
+    sched = getattr(smp, 'schedule', None) or NoiseSchedule()
+    net = model
+    if compile:
+        from condiff.train import MaybeCompiled
+        net = MaybeCompiled(model, 'compile')
     def model_fn(x_t, t, cond):
         with (torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()):
-            out = model(x_t, t, cond).float()
-        return eps_from_prediction(getattr(smp, 'schedule', None) or NoiseSchedule(), out, x_t, t, pred)
+            out = net(x_t, t, cond).float()
+        return eps_from_prediction(sched, out, x_t, t, pred)
+    if cuda_graphs: model_fn = GraphedModelFn(model_fn, device)
     was_training = model.training
     model.eval()
     bar = progress if hasattr(progress, 'update') else tqdm(total=len(x), desc='restore', unit='img', disable=not progress)
@@ -247,6 +256,168 @@ def restore_dataset(model, # a conditional UNet: model(x_t, t, cond) -> ε̂
         model.train(was_training)
         if bar is not progress: bar.close()
     return out
+
+# %% ../nbs/08_inference.ipynb #361459bd
+import warnings
+
+class GraphedModelFn:
+    "`model_fn(x_t, t, cond)` captured in a CUDA graph per input shape and replayed (the option `cuda_graphs`); eager elsewhere."
+    def __init__(self, fn, device, warmup:int=2):
+        self.fn, self.device, self.warmup, self.graphs = fn, torch.device(device), warmup, {}
+        self.enabled = self.device.type == 'cuda'
+        if not self.enabled:
+            warnings.warn(f"cuda_graphs=True needs a CUDA device, not {self.device}: running the UNet eagerly", RuntimeWarning, stacklevel=3)
+
+    def _capture(self, x_t, t, cond):
+        static = [x_t.clone(), t.clone(), cond.clone()]
+        s = torch.cuda.Stream(self.device); s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(self.warmup): self.fn(*static)  # warm-up outside the graph (cuDNN/cuBLAS choices, allocations)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g): out = self.fn(*static)
+        return g, static, out
+
+    def __call__(self, x_t, t, cond):
+        "ε̂ for these inputs; with a graph, the returned tensor is a static buffer overwritten by the next call."
+        if not self.enabled: return self.fn(x_t, t, cond)
+        key = (tuple(x_t.shape), tuple(cond.shape), x_t.dtype, cond.dtype)
+        if key not in self.graphs:
+            try: self.graphs[key] = self._capture(x_t, t, cond)
+            except Exception as e:  # an op that cannot be captured: say so once, then run eagerly
+                warnings.warn(f"cuda_graphs=True: capture failed ({type(e).__name__}: {e}); running the UNet eagerly", RuntimeWarning)
+                self.enabled = False
+                return self.fn(x_t, t, cond)
+        g, (sx, st, sc), out = self.graphs[key]
+        sx.copy_(x_t); st.copy_(t); sc.copy_(cond)
+        g.replay()
+        return out
+
+# %% ../nbs/08_inference.ipynb #54a728dd
+import copy
+from torch.func import stack_module_state, functional_call, vmap
+
+class _VmapGroupNorm(torch.nn.GroupNorm):
+    "GroupNorm written out in float32 (what autocast's group_norm computes), so that `vmap` can batch it."
+    def forward(self, x):
+        B, C = x.shape[:2]
+        v = x.float().reshape(B, self.num_groups, -1)
+        mu = v.mean(-1, keepdim=True)
+        var = (v - mu).square().mean(-1, keepdim=True)
+        y = ((v - mu) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        if not self.affine: return y
+        shape = (1, C) + (1,) * (x.ndim - 2)
+        return y * self.weight.float().reshape(shape) + self.bias.float().reshape(shape)
+
+if not hasattr(torch.ops.condiff, 'fold_sdpa'):  # registered once per process
+    @torch.library.custom_op('condiff::fold_sdpa', mutates_args=())
+    def _fold_sdpa(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    @_fold_sdpa.register_fake
+    def _(q, k, v): return q.new_empty(q.shape[:-1] + v.shape[-1:])
+    def _fold_sdpa_vmap(info, in_dims, q, k, v):  # the fold dimension joins the batch: one SDPA call for all folds
+        n = info.batch_size
+        ts = [t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip((q, k, v), in_dims)]
+        out = torch.nn.functional.scaled_dot_product_attention(*[t.reshape(-1, *t.shape[2:]) for t in ts])
+        return out.reshape(n, *ts[0].shape[1:-1], out.shape[-1]), 0
+    _fold_sdpa.register_vmap(_fold_sdpa_vmap)
+
+from .unet import Attention as _Attention
+
+class _VmapAttention(_Attention):
+    "`condiff.unet.Attention` whose SDPA call `vmap` batches over the folds (torch has no batching rule for the fused kernels)."
+    def forward(self, x):
+        from einops import rearrange
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.norm(x), 'b c h w -> b (h w) c')
+        q, k, v = rearrange(self.qkv(tokens), 'b n (three heads d) -> three b heads n d', three=3, heads=self.heads)
+        out = torch.ops.condiff.fold_sdpa(q, k, v)
+        out = self.proj_out(rearrange(out, 'b heads n d -> b n (heads d)'))
+        return rearrange(out, 'b (h w) c -> b c h w', h=h, w=w) + x
+
+def _vmappable(module:torch.nn.Module) -> torch.nn.Module:
+    "A copy of `module` on the meta device (no weights) whose GroupNorm and attention layers `vmap` can batch (same names)."
+    m = copy.deepcopy(module).to('meta')
+    for sub in m.modules():
+        if type(sub) is torch.nn.GroupNorm: sub.__class__ = _VmapGroupNorm
+        elif type(sub) is _Attention: sub.__class__ = _VmapAttention
+    return m
+
+class FoldStack:
+    "The fold models of one family as one batched network: `stack(x_t, t, cond)` with x_t F×B×C×H×W runs every fold at once."
+    def __init__(self,
+                 models, # fold models of one architecture (e.g. from `condiff.cli.load_ensemble`)
+                 device=None, # where the stacked weights live (None: the first model's device)
+                ):
+        models = list(models)
+        if not models: raise ValueError("FoldStack needs at least one model")
+        cfgs = [getattr(m, 'config', None) for m in models]
+        if any(c != cfgs[0] for c in cfgs): raise ValueError("the fold models differ in architecture (config); they cannot be stacked")
+        device = torch.device(device) if device is not None else next(models[0].parameters()).device
+        self.n, self.config, self.device = len(models), cfgs[0], device
+        self.params, self.buffers = stack_module_state([m.to(device).eval() for m in models])
+        self.base = _vmappable(models[0])
+        self._fn = vmap(self._one, in_dims=(0, 0, 0, None, None))
+
+    def _one(self, p, b, x, t, c): return functional_call(self.base, (p, b), (x, t, c))
+
+    def __call__(self, x_t:torch.Tensor, t:torch.Tensor, cond:torch.Tensor) -> torch.Tensor:
+        "ε̂ of every fold: x_t F×B×C×H×W (fold f's chains), t [B] and cond B×C×H×W shared; returns F×B×C×H×W."
+        if x_t.ndim != 5 or x_t.shape[0] != self.n: raise ValueError(f"x_t must be {self.n}×B×C×H×W, got {tuple(x_t.shape)}")
+        return self._fn(self.params, self.buffers, x_t, t, cond)
+
+def batched_folds_default(device) -> bool:
+    "Whether `restore_folds` batches the folds when not told: on CUDA yes; on the CPU no (small measured gain, bench/README.md)."
+    return torch.device(device).type == 'cuda'
+
+@torch.no_grad()
+def restore_folds(models, # F fold models of one architecture
+                  images, # N×C×H×W test images in model space
+                  seeds, # one int per image (`slice_seeds(seed, ids)`), the same for every fold
+                  sampler='ddpm', # 'ddpm' (paper), 'ddim', or a sampler object
+                  num_steps:int=50, # sampling steps
+                  eta:float=0.0, # DDIM's η
+                  batch_size:int=32, # images per fold per UNet call (batched: F·batch_size images per call)
+                  device=None, # None = the first model's device
+                  dtype=None, # UNet autocast dtype: None = bf16 on CUDA, fp32 on CPU
+                  batched:bool|None=None, # all folds in one pass (`FoldStack`); None: `batched_folds_default(device)`
+                  progress=True, # tqdm bar (or a bar to update), counting fold-images
+                 ) -> torch.Tensor: # F×N×C×H×W float32 restorations in model space, on the CPU
+    "Restore every image with every fold model: fold after fold, or all folds in one batched pass (same seeds, same maps)."
+    models = list(models)
+    if not models: raise ValueError("no models given")
+    chans = {model_channels(m) for m in models}
+    if len(chans) > 1: raise ValueError(f"the fold models were built for different channel counts {sorted(chans)}")
+    x = check_images(images, chans.pop())
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(x): raise ValueError(f"got {len(seeds)} seeds for {len(x)} images")
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(models[0].parameters()).device
+    if batched is None: batched = batched_folds_default(device)
+    F_ = len(models)
+    bar = progress if hasattr(progress, 'update') else tqdm(total=F_ * len(x), desc='restore (folds)', unit='img', disable=not progress)
+    try:
+        if not batched or F_ == 1:
+            return torch.stack([restore_dataset(m, x, seeds, sampler, num_steps, eta, batch_size, device, dtype, progress=bar)
+                                for m in models])
+        stack = FoldStack(models, device)
+        amp, _ = _precision(device, dtype)
+        smp = make_sampler(sampler, eta)
+        def model_fn(x_t, t, cond):  # x_t: (F·B)×C×H×W, fold-major; cond = the B images repeated F times
+            B = x_t.shape[0] // F_
+            with (torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()):
+                e = stack(x_t.reshape(F_, B, *x_t.shape[1:]), t[:B], cond[:B])
+            return e.reshape(x_t.shape).float()
+        out = torch.empty((F_, *x.shape))
+        for a in range(0, len(x), batch_size):
+            b = min(a + batch_size, len(x))
+            y = x[a:b].to(device)
+            r = restore(model_fn, y.repeat(F_, 1, 1, 1), smp, num_steps=num_steps, seeds=seeds[a:b] * F_)
+            out[:, a:b] = r.float().cpu().reshape(F_, b - a, *x.shape[1:])
+            bar.update(F_ * (b - a))
+        return out
+    finally:
+        if bar is not progress: bar.close()
 
 # %% ../nbs/08_inference.ipynb #72c7e121
 from .ssim import anomaly_map, anomaly_score
@@ -320,7 +491,8 @@ def _dist_setup(device):
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         if device.type == 'cuda': torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        from condiff.train import DIST_TIMEOUT
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=DIST_TIMEOUT)
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 
@@ -361,7 +533,10 @@ def _restore_part(model, testset, seeds, a, b, path, key, sampler, num_steps, et
     t0 = time.perf_counter()
     y = to_model_space(torch.from_numpy(testset.images[a:b]), testset.modality)
     rest = restore_dataset(model, y, seeds[a:b], sampler, num_steps, eta, batch_size, device, dtype, progress=bar)
-    secs = time.perf_counter() - t0
+    _write_part(testset, a, b, y, rest, time.perf_counter() - t0, path, key, device, save_restorations)
+
+def _write_part(testset, a, b, y, rest, secs, path, key, device, save_restorations):
+    "Maps and scores of the restorations `rest` of slices a:b (model space `y`), written atomically to `path`."
     maps = anomaly_map(rest.to(device), y.to(device), testset.modality).float().cpu()
     scores = anomaly_score(maps).float().cpu()
     n, (C, H, W) = b - a, testset.images.shape[1:]
@@ -370,6 +545,13 @@ def _restore_part(model, testset, seeds, a, b, path, key, sampler, num_steps, et
     with TensorFileWriter(path, spec, {'key': key, 'start': a, 'stop': b, 'restore_s': secs}) as w:
         w.write('maps', maps); w.write('scores', scores)
         if save_restorations: w.write('restorations', rest)
+
+def _eval_key(model, testset, sampler, num_steps, eta, seed, prec, save_restorations, testset_fp=None) -> tuple:
+    "(fingerprint, key) of one fold's evaluation: what its stored result and parts are checked against."
+    fp = {'format': EVAL_FORMAT, 'model': weights_digest(model.state_dict()), 'testset': testset_fp or sliceset_fingerprint(testset),
+          'sampler': _sampler_name(sampler), 'num_steps': int(num_steps), 'eta': float(eta) if sampler == 'ddim' else None,
+          'seed': int(seed), 'precision': prec, 'save_restorations': bool(save_restorations)}
+    return fp, _digest(json.dumps(fp, sort_keys=True))
 
 def _part_ok(path, key, a, b, recovered:list|None=None):
     "True if `path` is a complete, verified part a:b with fingerprint `key`; a corrupt part is moved aside (and recomputed)."
@@ -464,10 +646,7 @@ def evaluate_model(model, # a conditional UNet (e.g. from condiff.train.load_mod
     model = model.to(device)
     rank, world, owned = _dist_setup(device)
     try:
-        fp = {'format': EVAL_FORMAT, 'model': weights_digest(model.state_dict()), 'testset': sliceset_fingerprint(testset),
-              'sampler': _sampler_name(sampler), 'num_steps': int(num_steps), 'eta': float(eta) if sampler == 'ddim' else None,
-              'seed': int(seed), 'precision': prec, 'save_restorations': bool(save_restorations)}
-        key = _digest(json.dumps(fp, sort_keys=True))
+        fp, key = _eval_key(model, testset, sampler, num_steps, eta, seed, prec, save_restorations)
         recovered = []  # corrupt files found, moved aside and recomputed (reported in metrics.json)
         done = _from_rank0(_finished(out_dir, key, recovered) if rank == 0 else None, world)  # rank 0 decides for all
         if done is not None: return done
@@ -536,6 +715,52 @@ def evaluate_fold(run_dir, # a training run folder (condiff.train)
     _check_run_compat(model, testset, run_dir)
     return evaluate_model(model, testset, out_dir, sampler, num_steps, seed, batch_size, device, save_restorations,
                           eta, dtype, part_size, progress, source={'run_dir': str(run_dir), 'which': which})
+
+# %% ../nbs/08_inference.ipynb #4f9e51ad
+def evaluate_folds(run_dirs, # the fold run folders of one family
+                   testset:SliceSet, # the test slices
+                   out_dirs, # one output folder per run (as `evaluate_fold`'s `out_dir`)
+                   sampler='ddpm', num_steps:int=50, seed:int=0, batch_size:int=32, device=None,
+                   save_restorations:bool=True, eta:float=0.0, which='best', # a name, or one per run
+                   dtype=None, part_size:int=512,
+                   batched:bool|None=None, # restore each part with all folds in one pass (None: `batched_folds_default`)
+                   progress:bool=True,
+                  ) -> list: # one metrics dict per fold, as `evaluate_fold` returns
+    "`evaluate_fold` for several folds of one family on one test set; batched, each part is restored by all folds at once."
+    run_dirs, out_dirs = [Path(r) for r in run_dirs], [Path(o) for o in out_dirs]
+    if len(run_dirs) != len(out_dirs): raise ValueError(f"got {len(run_dirs)} run folders but {len(out_dirs)} output folders")
+    if not isinstance(testset, SliceSet): raise ValueError(f"testset must be a SliceSet, got {type(testset).__name__}")
+    whichs = [which] * len(run_dirs) if isinstance(which, str) else list(which)
+    device = _device(device)
+    models = [load_model(rd, which=w, device=device)[0] for rd, w in zip(run_dirs, whichs)]
+    for m, rd in zip(models, run_dirs): _check_run_compat(m, testset, rd)
+    if batched is None: batched = batched_folds_default(device)
+    single = not (dist.is_available() and dist.is_initialized()) and int(os.environ.get('WORLD_SIZE', '1')) == 1
+    if batched and len(models) > 1 and single and len({json.dumps(m.config, sort_keys=True) for m in models}) == 1:
+        testset.validate(); make_sampler(sampler, eta)
+        _, prec = _precision(device, dtype)
+        tfp = sliceset_fingerprint(testset)
+        keys = [_eval_key(m, testset, sampler, num_steps, eta, seed, prec, save_restorations, tfp)[1] for m in models]
+        N = len(testset)
+        seeds = slice_seeds(seed, testset.ids)
+        parts = [(a, min(a + part_size, N)) for a in range(0, N, part_size)]
+        todo = [f for f in range(len(models)) if _finished(out_dirs[f], keys[f]) is None]
+        path = lambda f, a, b: out_dirs[f]/'parts'/f'{a:08d}-{b:08d}.safetensors'  # noqa: E731
+        with tqdm(total=N * len(todo), desc=f'restore {len(todo)} folds ({_sampler_name(sampler)}, {num_steps} steps)',
+                  unit='img', disable=not progress or not todo) as bar:
+            for a, b in parts:
+                need = [f for f in todo if not _part_ok(path(f, a, b), keys[f], a, b)]
+                if not need: continue
+                t0 = time.perf_counter()
+                y = to_model_space(torch.from_numpy(testset.images[a:b]), testset.modality)
+                rest = restore_folds([models[f] for f in need], y, seeds[a:b], sampler, num_steps, eta, batch_size, device,
+                                     dtype, batched=True, progress=bar)
+                secs = (time.perf_counter() - t0) / len(need)  # each fold's share of the device time
+                for f, r in zip(need, rest): _write_part(testset, a, b, y, r, secs, path(f, a, b), keys[f], device, save_restorations)
+    # merge (and, per fold, restore whatever is left: all of it when not batched)
+    return [evaluate_model(m, testset, od, sampler, num_steps, seed, batch_size, device, save_restorations, eta, dtype,
+                           part_size, progress, source={'run_dir': str(rd), 'which': w})
+            for m, od, rd, w in zip(models, out_dirs, run_dirs, whichs)]
 
 # %% ../nbs/08_inference.ipynb #9e9b392d
 def read_eval(eval_dir, # a folder written by `evaluate_fold` or `ensemble`

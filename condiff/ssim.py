@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SSIM_MODES', 'WINDOW_SIZE', 'SIGMA', 'K1', 'K2', 'PAPER_MAX_VAL', 'MODALITIES', 'gaussian_window', 'blur_matrix',
-           'gaussian_blur', 'ssim_channels', 'ssim_map', 'anomaly_map', 'anomaly_score']
+           'fp32_precision', 'gaussian_blur', 'ssim_channels', 'ssim_map', 'anomaly_map', 'anomaly_score']
 
 # %% ../nbs/03_ssim.ipynb #b6594670
 SSIM_MODES = ('paper', 'standard')
@@ -62,16 +62,22 @@ def blur_matrix(n:int, # length of the axis
     return _blur_matrix_cached(int(n), padding, int(size), float(sigma), dtype, torch.device(device or 'cpu')).clone()
 
 @contextmanager
+def fp32_precision(mode:str='ieee'):
+    "Set CUDA matmul and cuDNN conv float32 precision ('ieee' | 'tf32') inside, restore afterwards (the torch ≥ 2.9 API only)."
+    if mode not in ('ieee', 'tf32'): raise ValueError(f"mode must be 'ieee' or 'tf32', got {mode!r}")
+    mm, cv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = mm.fp32_precision, cv.fp32_precision
+    mm.fp32_precision = cv.fp32_precision = mode
+    try: yield
+    finally: mm.fp32_precision, cv.fp32_precision = old
+
+@contextmanager
 def _full_precision(device:torch.device):
     "No autocast and no TF32 inside (both would wreck the E[x²] − μ² cancellation); settings restored afterwards."
     if device.type != 'cuda':
         with torch.autocast(device.type, enabled=False): yield
         return
-    mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast('cuda', enabled=False): yield
-    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cd
+    with fp32_precision('ieee'), torch.autocast('cuda', enabled=False): yield
 
 def gaussian_blur(x:torch.Tensor, # ...×H×W floating tensor (e.g. B×C×H×W)
                   padding:str='zeros', # 'zeros' (torchgeometry) or 'reflect' (scipy/scikit-image half-sample mirror)

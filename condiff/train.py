@@ -21,10 +21,11 @@ from .tasks import FOLDS, CLIP_MODES, RestorationTask, fold_tasks
 from .data import get_dataset, load_sliceset, to_model_space
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig', 'sample_seeds', 'TaskDataset', 'epoch_permutation',
-           'StreamSampler', 'make_loader', 'ema_decay', 'EMA', 'MovingAverageEarlyStopper', 'save_checkpoint',
-           'resolve_checkpoint', 'CorruptCheckpoint', 'verify_checkpoint', 'resume_checkpoint', 'fold_family',
-           'get_rng_state', 'set_rng_state', 'resolve_device', 'dist_env', 'run_dir_for', 'init_from_weights',
+__all__ = ['TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig', 'sample_seeds',
+           'TaskDataset', 'epoch_permutation', 'StreamSampler', 'make_loader', 'ema_decay', 'EMA',
+           'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'CorruptCheckpoint',
+           'verify_checkpoint', 'resume_checkpoint', 'fold_family', 'get_rng_state', 'set_rng_state', 'resolve_device',
+           'dist_env', 'run_dir_for', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'init_from_weights',
            'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model', 'main',
            'base_kind', 'base_weights', 'build_base']
 
@@ -83,6 +84,8 @@ class TrainConfig:
     mixed_precision: str = 'bf16'  # autocast dtype on CUDA: 'bf16', 'fp16' (official, with a grad scaler) or 'no'
     channels_last: bool = True  # channels_last memory format on CUDA
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (official `allow_tf32: true`)
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS kernels, no cudnn.benchmark (slower); see `set_deterministic`
+    compile: bool = False  # torch.compile the UNet for the training steps (`MaybeCompiled`: eager, with a warning, if it fails)
     num_workers: int = 8  # DataLoader worker processes per rank
     log_every: int = 50  # log the training loss every this many steps
 
@@ -107,7 +110,7 @@ class TrainConfig:
             need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
         for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
             need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
-        for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32'):
+        for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic', 'compile'):
             need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
         for k in ('preset', 'dataset', 'unet', 'device'):
             need(lambda: isinstance(g(k), str) and g(k) != '', k, f"{k} must be a non-empty string, got {g(k)!r}")
@@ -519,7 +522,7 @@ def resolve_device(device:str='auto', local_rank:int=0) -> torch.device:
     dev = torch.device(device)
     if dev.type == 'cuda':
         if not torch.cuda.is_available(): raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None: dev = torch.device('cuda', local_rank)
+        if dev.index is None: dev = torch.device('cuda', local_rank % torch.cuda.device_count())  # one visible GPU per process (SLURM) too
     return dev
 
 def dist_env() -> tuple:
@@ -532,6 +535,57 @@ def run_dir_for(config:TrainConfig, out_dir='runs') -> Path:
     "`<out_dir>/<dataset>[-<sequence>]/<preset>/fold<k>`, the run folder of `config` (design §5)."
     name = config.dataset + (f"-{config.sequence}" if config.sequence else '')
     return Path(out_dir if out_dir is not None else 'runs') / name / config.preset / f"fold{config.fold}"
+
+# %% ../nbs/07_train.ipynb #55c0cccc
+import datetime
+DIST_TIMEOUT = datetime.timedelta(hours=2)  # process-group timeout: ranks > 0 wait at a barrier while rank 0 builds a dataset cache
+OPTIMIZER_RUNTIME_FLAGS = ('fused', 'foreach', 'capturable')  # kernel choices that belong to the device, not the checkpoint
+
+def fit_optimizer_state(opt:torch.optim.Optimizer, # an optimizer just after `load_state_dict`
+                        flags:dict, # {flag: value} as this process built it, e.g. {'fused': True, 'foreach': None}
+                       ) -> torch.optim.Optimizer:
+    "Undo what `load_state_dict` brings back from another device: the saved kernel flags and the saved moment strides."
+    for g in opt.param_groups: g.update(flags)
+    on_device = bool(flags.get('fused') or flags.get('capturable'))
+    for p, st in opt.state.items():
+        for k, v in list(st.items()):
+            if not torch.is_tensor(v): continue
+            if k == 'step': st[k] = v.to(p.device if on_device else 'cpu')  # torch's own placement of the step counter
+            elif v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # channels_last moments for channels_last weights, and back
+    return opt
+
+def set_deterministic(on:bool) -> dict:
+    "CUDA kernel choice: deterministic (cuDNN deterministic, no benchmark, torch deterministic algorithms) or fast. Returns the old settings."
+    old = dict(benchmark=torch.backends.cudnn.benchmark, deterministic=torch.backends.cudnn.deterministic,
+               algorithms=torch.are_deterministic_algorithms_enabled(), warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+    if on: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS (read when cuBLAS starts)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not on, bool(on)
+    torch.use_deterministic_algorithms(bool(on), warn_only=True)  # an op without a deterministic kernel warns, it does not crash
+    return old
+
+# %% ../nbs/07_train.ipynb #bcc27bef
+import warnings
+
+class MaybeCompiled:
+    "`torch.compile(module)` as a callable that falls back to the eager module, with a warning naming `option`, if compiling fails."
+    def __init__(self, module, # the module (or DDP wrapper) to compile
+                 option:str='compile', # the option's name, for the warning
+                 **compile_kw): # passed to torch.compile (e.g. mode='max-autotune', backend='eager')
+        self.module, self.option = module, option
+        try: self.compiled = torch.compile(module, **compile_kw)
+        except Exception as e: self.compiled = self._fail(e)
+
+    def _fail(self, e):
+        warnings.warn(f"{self.option}=True: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running the UNet eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+    def __call__(self, *args, **kw):
+        if self.compiled is not None:
+            try: return self.compiled(*args, **kw)
+            except Exception as e: self.compiled = self._fail(e)  # the eager call below raises again if the input is at fault
+        return self.module(*args, **kw)
 
 # %% ../nbs/07_train.ipynb #04dfdebd
 def init_from_weights(model, # the freshly built UNet to fill
@@ -560,7 +614,7 @@ def init_from_weights(model, # the freshly built UNet to fill
 
 # %% ../nbs/07_train.ipynb #e3114b03
 _RUNTIME_KEYS = {'device', 'num_workers', 'max_steps', 'log_every', 'checkpoint_every', 'data_root', 'cache_dir',
-                 'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32'}
+                 'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32', 'deterministic', 'compile'}
 
 def _jsonable(x): return json.loads(json.dumps(x))
 
@@ -602,7 +656,7 @@ class Trainer:
         self._own_pg = False
         if self.world > 1 and not dist.is_initialized():
             if cuda: torch.cuda.set_device(self.device)
-            dist.init_process_group('nccl' if cuda else 'gloo')
+            dist.init_process_group('nccl' if cuda else 'gloo', timeout=DIST_TIMEOUT)  # ranks > 0 wait while rank 0 builds a cache
             self._own_pg = True
         try: self._setup(out_dir, resume)
         except BaseException:
@@ -616,8 +670,8 @@ class Trainer:
                 raise ValueError(f"{k}={getattr(cfg, k)} (a global size) is not divisible by the world size {self.world}")
         if cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32' if cfg.allow_tf32 else 'ieee'
+            set_deterministic(cfg.deterministic)
         self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.mixed_precision) if cuda else None
         self.channels_last = cuda and cfg.channels_last
         self.run_dir = run_dir_for(cfg, out_dir).absolute()
@@ -654,6 +708,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_max_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                      eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
+        self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
+        self._checked = False  # the first training batch is validated in full, later ones are trusted
         self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
         self.stopper = MovingAverageEarlyStopper(cfg.ma_alpha, cfg.patience)
         self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
@@ -671,6 +727,7 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_json(self.run_dir / 'config.json')
@@ -729,7 +786,9 @@ class Trainer:
         cfg = self.config
         x0, cond, noise, t = self._to_device(batch)
         loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
-                              prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight)
+                              prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                              check=not self._checked)
+        self._checked = True  # the loader makes every batch alike: no per-step NaN scans or timestep syncs after the first
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
@@ -757,7 +816,8 @@ class Trainer:
             for batch in batches:
                 x0, cond, noise, t = self._to_device(batch)
                 per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
-                                     prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight)
+                                     prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                                     check=False)  # batches from the validated val set
                 tot[0] += per.double().sum(); tot[1] += per.numel()
         finally:
             for p, b in zip(self.model.parameters(), backup): p.copy_(b)
@@ -802,6 +862,7 @@ class Trainer:
             st = torch.load(ck / 'state.pt', map_location='cpu', weights_only=True)
             self.ema.load_state_dict(_st_load((ck / 'ema.safetensors').read_bytes()), st['ema_step'])
             self.opt.load_state_dict(st['optimizer'])
+            fit_optimizer_state(self.opt, self._opt_flags)  # this device's fused/foreach flags, moments strided like the weights
         except (RuntimeError, KeyError) as e: raise ValueError(f"incompatible or corrupt checkpoint {ck}: {e}") from e
         if self.scaler is not None and st['scaler'] is not None: self.scaler.load_state_dict(st['scaler'])
         self.step, self.data_pos, self.wall_s, self.stop_reason = st['step'], st['data_pos'], st['wall_s'], st['stop_reason']

@@ -119,6 +119,9 @@ def test_detect_is_seeded_and_uses_every_fold(runs, tmp_path):
     np.testing.assert_allclose(np.asarray(nib.load(r1['map']).dataobj), np.asarray(nib.load(r2['map']).dataobj), atol=1e-6)
     one = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o3', num_steps=2, folds='1', progress=False)
     assert one['n_folds'] == 1 and one['fold'] == 'fold1'
+    # both folds in one batched pass (FoldStack): the same map to float tolerance
+    rb = detect(tmp_path / 'a.nii', runs / 'runs/phantom-brain-t1/tiny', tmp_path / 'o4', num_steps=2, progress=False, batched_folds=True)
+    np.testing.assert_allclose(np.asarray(nib.load(rb['map']).dataobj), np.asarray(nib.load(r1['map']).dataobj), atol=1e-4)
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'garbage', 'nan'])
@@ -262,3 +265,80 @@ def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
     assert m3['skipped']['evaluate'] == ['phantom-brats-t1/fold0', 'phantom-brats-t1/fold1']
     assert m3['skipped']['ensemble'] == ['phantom-brats-t1'] and m3['resumed']
     assert any('finished before, skipped' in l for l in logs)
+
+
+# -- issue 15: the data seed reaches training; folds spread over GPUs ------------------------------------------------
+
+class _Stop(Exception): pass
+
+
+def test_data_seed_reaches_training(tmp_path, monkeypatch):
+    "`condiff reproduce --data-seed 1`: the build-once step and every fold's Trainer load the same, seed-1 phantoms."
+    import condiff.cli as C
+    import condiff.train as T
+    from condiff.data import get_dataset as real
+    small = lambda name, split, **kw: real(name, split, **{**kw, 'n_subjects': 2, 'slice_step': 40, 'progress': False})  # noqa: E731
+    calls = {'cli': [], 'train': []}
+    def rec(where):
+        def fn(name, split, **kw):
+            calls[where].append((name, split, kw.get('sequence'), kw.get('seed'), kw.get('cache_dir'))); return small(name, split, **kw)
+        return fn
+    monkeypatch.setattr(C, 'get_dataset', rec('cli')); monkeypatch.setattr(T, 'get_dataset', rec('train'))
+    seen = {}
+    def stop(steps, *a, **k): seen['steps'] = steps; raise _Stop
+    monkeypatch.setattr(C, '_run_steps', stop)
+    real_reproduce = C.reproduce
+    monkeypatch.setattr(C, 'reproduce', lambda cfg, **k: (seen.setdefault('cfg', cfg), real_reproduce(cfg, progress=False, log=None)))
+    with pytest.raises(_Stop):
+        main(['reproduce', '--testsets', 'phantom-brats-t1', '--folds', '0', '--data-seed', '1', '--runs', str(tmp_path / 'r'),
+              '--out', str(tmp_path / 'pf'), '--no-progress'])
+    assert seen['cfg'].data_seed == 1
+    tc = T.TrainConfig.from_json(json.dumps(seen['steps'][0][1]['config']))
+    assert tc.data_seed == 1
+    assert ('phantom-brain', 'train', 't1', 1, None) in calls['cli'] and ('phantom-brats', 'test', 't1', 1, None) in calls['cli']
+    # the fold's Trainer asks for exactly what the build-once step built (so the cache is used), and seed 1 differs from 0
+    tc = tc.replace(cache_dir=str(tmp_path / 'cache'), batch_size=2, val_batch_size=2, max_steps=1, num_workers=0, device='cpu')
+    a = T.Trainer(tc, tmp_path / 'a', progress=False)
+    b = T.Trainer(tc.replace(data_seed=0), tmp_path / 'b', progress=False)
+    assert calls['train'][0][:4] == ('phantom-brain', 'train', 't1', 1)
+    assert a.train_set.images.shape == b.train_set.images.shape and not np.array_equal(a.train_set.images, b.train_set.images)
+
+
+def test_folds_spread_over_visible_gpus(monkeypatch):
+    import torch
+    import condiff.cli as C
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 3)
+    c = ReproduceConfig(device='cuda')
+    assert c.job_devices() == ['cuda:0', 'cuda:1', 'cuda:2'] and c.resolved_jobs() == (3, 1)
+    assert ReproduceConfig(device='auto', folds_per_gpu=2).resolved_jobs() == (6, 1)
+    assert ReproduceConfig(device='cuda:1').job_devices() == ['cuda:1'] and ReproduceConfig(device='cuda:1').resolved_jobs() == (1, None)
+    assert ReproduceConfig(device='cpu', jobs=2).job_devices() == ['cpu']
+    with pytest.raises(ValueError, match='folds_per_gpu'): ReproduceConfig(folds_per_gpu=0)
+    kw = dict(config=dict(device='cuda', fold=3), runs='r')
+    assert C._on_device('train', kw, 'cuda:2') == dict(config=dict(device='cuda:2', fold=3), runs='r') and kw['config']['device'] == 'cuda'
+    assert C._on_device('evaluate', dict(device='cuda', fold=1), 'cuda:1') == dict(device='cuda:1', fold=1)
+    assert C._on_device('train', kw, None) is kw
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert ReproduceConfig(device='cuda').resolved_jobs() == (1, None)  # one GPU: one process, as before
+
+
+def test_reproduce_batched_folds_matches_per_fold(runs, tmp_path):
+    "reproduce with batched_folds=True: one evaluation step per test set, both folds restored together, the same metrics."
+    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
+                          runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=1, batched_folds=False,
+                          train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
+                                               batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
+    m1 = reproduce(cfg, progress=False, log=None)
+    for f in (0, 1): shutil.rmtree(cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f))
+    shutil.rmtree(cli.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny'))
+    logs = []
+    m2 = reproduce(dataclasses.replace(cfg, batched_folds=True), progress=False, log=logs.append)
+    assert m2['batched_folds'] is True and m1['batched_folds'] is False and m2['skipped']['evaluate'] == []
+    assert sum(l.startswith('evaluate phantom-brats-t1/fold') for l in logs) == 2
+    r1, r2 = m1['results']['phantom-brats-t1'], m2['results']['phantom-brats-t1']
+    for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice'):
+        assert abs(r1['ensemble'][k] - r2['ensemble'][k]) <= 2e-3
+        for f in ('0', '1'): assert abs(r1['folds'][f][k] - r2['folds'][f][k]) <= 2e-3
+    m3 = reproduce(dataclasses.replace(cfg, batched_folds=True), progress=False, log=None)
+    assert m3['skipped']['evaluate'] == ['phantom-brats-t1/fold0', 'phantom-brats-t1/fold1']

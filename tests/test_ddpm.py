@@ -493,3 +493,62 @@ def test_loss_of_each_objective_equals_diffusers_training_example(pt, gamma):
     loss = (F.mse_loss(pred.float(), target.float(), reduction='none').mean(dim=(1, 2, 3)) * w)
     got = diffusion_loss(_toy_model, x0, cond, s, t, noise, snr_gamma=gamma, reduction='none', prediction_type=pt)
     assert maxdiff(got, loss) <= 1e-6 * max(1.0, loss.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------- host syncs (issue 15)
+
+def test_schedule_table_is_cached_and_exact():
+    s = NoiseSchedule()
+    a = s.table('cpu'); assert a is s.table(torch.device('cpu')) and torch.equal(a, s.alphas_cumprod)
+    h = s.table('cpu', torch.float64); assert h is not a and torch.equal(h, s.alphas_cumprod.double())
+
+
+def _no_checks(monkeypatch):
+    "Make every validation helper of condiff.ddpm fail if called."
+    import condiff.ddpm as D
+    def boom(*a, **k): raise AssertionError('validation ran in the check=False path')
+    monkeypatch.setattr(D, '_check_tensor', boom)
+    monkeypatch.setattr(D.NoiseSchedule, 'check_timesteps', boom)
+
+
+def test_unchecked_loss_equals_checked_and_validates_nothing(monkeypatch):
+    x0, cond, noise = torch.randn(SHAPE, generator=gen(1)), torch.randn(SHAPE, generator=gen(2)), torch.randn(SHAPE, generator=gen(3))
+    t = torch.tensor([0, 500, 999])
+    fn = lambda x, tt, c: 0.5 * x + 0.1 * c  # noqa: E731
+    ref = diffusion_loss(fn, x0, cond, S, t, noise, reduction='none')
+    _no_checks(monkeypatch)
+    got = diffusion_loss(fn, x0, cond, S, t, noise, reduction='none', check=False)
+    assert torch.equal(ref, got)
+
+
+def test_restore_validates_once_and_draws_the_same_noise(monkeypatch):
+    import condiff.ddpm as D
+    cond = torch.rand(3, 1, 8, 8, generator=gen(5))
+    fn = lambda x, t, c: 0.3 * x - 0.2 * c  # noqa: E731
+    for sampler in (DDPMSampler(), DDIMSampler(eta=0.5)):
+        sampler.set_timesteps(10)
+        # the old loop: the sampler draws the step noise itself, with every check
+        gens = [gen(s) for s in (7, 8, 9)]
+        x = D.randn_tensor(cond.shape, gens)
+        for t in sampler.timesteps.tolist():
+            x = sampler.step(fn(x, torch.full((3,), t), cond), t, x, generator=gens)
+        calls = []
+        real = D._check_tensor
+        monkeypatch.setattr(D, '_check_tensor', lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+        got = restore(fn, cond, sampler, 10, seeds=[7, 8, 9])
+        monkeypatch.undo()
+        assert calls == ['cond'], calls  # once, before the loop; no per-step NaN scans
+        assert torch.equal(got, x)
+
+
+def test_restore_refuses_a_non_finite_result():
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        restore(lambda x, t, c: torch.full_like(x, float('nan')), X, DDPMSampler(), 3, seeds=[0, 1])
+
+
+def test_host_draw_equals_randn_tensor():
+    from condiff.ddpm import _draw_host, randn_tensor
+    for shape in ((3, 2, 16, 16), (2, 3, 5, 7)):
+        g1, g2 = [gen(s) for s in range(shape[0])], [gen(s) for s in range(shape[0])]
+        assert torch.equal(_draw_host(shape, g1), randn_tensor(shape, g2))
+        assert torch.equal(_draw_host(shape, gen(4)), randn_tensor(shape, gen(4)))

@@ -315,3 +315,67 @@ def test_two_process_gloo_torchrun_equals_single_process(run, testset, tmp_path)
     ma, mb = (json.loads((tmp_path / d / 'metrics.json').read_text()) for d in ('one', 'two'))
     assert {k: ma[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice', 'key')} == {k: mb[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice', 'key')}
     assert mb['world_size'] == 2 and not (tmp_path / 'two' / 'parts').exists()
+
+
+# ------------------------------------------------------------------------------------------------ batched folds (issue 15)
+@pytest.fixture(scope='module')
+def three_runs(tmp_path_factory):
+    "Three different fold models (seeds 0, 1, 2; folds 0, 1, 2), the tiny UNet trained 2 steps at 32x32."
+    d = tmp_path_factory.mktemp('three')
+    save_sliceset(toy(8, 1), d / 'train.npz'); save_sliceset(toy(4, 2), d / 'val.npz')
+    out = []
+    for f in range(3):
+        cfg = TrainConfig.from_preset('tiny', dataset='toy', sequence=None, fold=f, seed=f, train_data=str(d / 'train.npz'),
+                                      val_data=str(d / 'val.npz'), batch_size=4, val_batch_size=4, max_steps=2, val_start=1,
+                                      val_every=1, checkpoint_every=2, num_workers=0, device='cpu')
+        out.append(train(cfg, d / 'runs', progress=False))
+    return out
+
+
+MAP_TOL = 1e-4  # fp32 maps, batched vs per-fold (measured max ~1e-5: GroupNorm written out, grouped convolutions)
+
+
+def test_batched_folds_equal_per_fold_on_8_slices(three_runs):
+    ts = toy(8, 3, lesions=True)
+    models = [load_model(r)[0] for r in three_runs]
+    y = torch.from_numpy(ts.images)
+    seeds = slice_seeds(0, ts.ids)
+    per = I.restore_folds(models, y, seeds, num_steps=4, batch_size=3, batched=False, progress=False)
+    bat = I.restore_folds(models, y, seeds, num_steps=4, batch_size=3, batched=True, progress=False)
+    assert per.shape == bat.shape == (3, 8, 1, SIZE, SIZE)
+    for f in range(3):  # the per-fold path is restore_dataset, fold by fold
+        assert torch.equal(per[f], restore_dataset(models[f], y, seeds, num_steps=4, batch_size=3, progress=False))
+    assert min((per[0] - per[f]).abs().max().item() for f in (1, 2)) > 1e-3  # three different models
+    mp = torch.stack([anomaly_map(per[f], y, 'MRI') for f in range(3)])
+    mb = torch.stack([anomaly_map(bat[f], y, 'MRI') for f in range(3)])
+    assert (mp - mb).abs().max().item() <= MAP_TOL and (per - bat).abs().max().item() <= MAP_TOL
+    with pytest.raises(ValueError, match='seeds'): I.restore_folds(models, y, seeds[:3], progress=False)
+
+
+def test_evaluate_folds_batched_equals_per_fold(three_runs, tmp_path):
+    ts = toy(8, 3, lesions=True)
+    kw = dict(num_steps=3, batch_size=4, part_size=5, progress=False)
+    a = I.evaluate_folds(three_runs, ts, [tmp_path / 'b' / f'f{f}' for f in range(3)], batched=True, **kw)
+    b = [evaluate_fold(r, ts, tmp_path / 'p' / f'f{f}', **kw) for f, r in enumerate(three_runs)]
+    for f in range(3):
+        assert a[f]['key'] == b[f]['key']  # the same evaluation: either result serves the other
+        ea, eb = read_eval(tmp_path / 'b' / f'f{f}'), read_eval(tmp_path / 'p' / f'f{f}')
+        assert np.abs(ea['maps'] - eb['maps']).max() <= 1e-3  # float16 storage: one ulp at most
+        for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice'): assert abs(a[f][k] - b[f][k]) <= 2e-3, (k, a[f][k], b[f][k])
+    # a finished batched evaluation is not recomputed, and the ensemble of either is the same
+    t0 = time.perf_counter(); I.evaluate_folds(three_runs, ts, [tmp_path / 'b' / f'f{f}' for f in range(3)], batched=True, **kw)
+    assert time.perf_counter() - t0 < 5
+    ma = ensemble([tmp_path / 'b' / f'f{f}' for f in range(3)], tmp_path / 'eb', 'MRI', progress=False)
+    mb = ensemble([tmp_path / 'p' / f'f{f}' for f in range(3)], tmp_path / 'ep', 'MRI', progress=False)
+    for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice'): assert abs(ma[k] - mb[k]) <= 2e-3
+
+
+def test_cuda_graphs_option_falls_back_on_cpu_with_a_warning():
+    torch.manual_seed(0)
+    net = build_unet('tiny', 1)
+    y = torch.rand(2, 1, SIZE, SIZE)
+    sd = slice_seeds(0, ['a/z0', 'a/z1'])
+    ref = restore_dataset(net, y, sd, num_steps=3, progress=False)
+    with pytest.warns(RuntimeWarning, match='cuda_graphs=True needs a CUDA device'):
+        got = restore_dataset(net, y, sd, num_steps=3, progress=False, cuda_graphs=True)
+    assert torch.equal(ref, got)

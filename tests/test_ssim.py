@@ -195,3 +195,18 @@ def test_bad_input(call, msg):
     x, y = (torch.tensor(a, dtype=torch.float32) for a in _pairs(9, (2, 1, 16, 16)))
     with pytest.raises(ValueError, match=msg):
         call(x, y)
+
+
+def test_fp32_precision_sets_and_restores_the_new_api():
+    "One TF32 API (torch ≥ 2.9): `fp32_precision` switches CUDA matmul and cuDNN conv to IEEE inside and restores afterwards."
+    import torch
+    from condiff.ssim import fp32_precision
+    mm, cv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = mm.fp32_precision, cv.fp32_precision
+    try:
+        mm.fp32_precision = cv.fp32_precision = 'tf32'
+        with fp32_precision('ieee'): assert (mm.fp32_precision, cv.fp32_precision) == ('ieee', 'ieee')
+        assert (mm.fp32_precision, cv.fp32_precision) == ('tf32', 'tf32')
+        with pytest.raises(ValueError, match='ieee'):
+            with fp32_precision('fast'): pass
+    finally: mm.fp32_precision, cv.fp32_precision = old
