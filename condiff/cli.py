@@ -839,9 +839,15 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     clash = [str(p) for p in outs.values() if p.exists()]
     if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
     nifti = _stem_suffix(path)[1] in NIFTI_SUFFIXES
+    if nifti: data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
+    else: load_fundus(path)
+    modality = 'MRI' if nifti else 'RF'
+    models = load_ensemble(run, device, folds)
+    _check_run_modality(models, modality, path)
+    size = getattr(models[0][1], 'meta', {}).get('image_size')  # prepare the input at the models' training size
+    side = int(size[-1]) if size is not None else 128
     if nifti:
-        data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
-        try: slices, geo = volume_to_slices(data, zero_below=zero_below)
+        try: slices, geo = volume_to_slices(data, side, zero_below=zero_below)
         except ValueError as e: raise ValueError(f"{path}: {e}") from e
         rng_in = dict(dtype=str(data.dtype), min=float(np.nanmin(data)), max=float(np.nanmax(data)))
         warn = []
@@ -853,7 +859,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     else:
         from PIL import Image
         from condiff.data import image_range
-        slices = load_fundus(path)[None]  # a clear ValueError for corrupt files, before any model runs
+        slices = load_fundus(path, side)[None]
         rng_in, warn = image_range(path), []
         with Image.open(path) as im:
             if rng_in['bits'] > 8:  # the photograph at 8 bits for the restoration output, scaled by its true bit depth
@@ -861,13 +867,9 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
                 photo = np.repeat((np.clip(g, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
             else: photo = np.asarray(im.convert('RGB'))
     for w in warn: warnings.warn(w, RuntimeWarning)
-    modality = 'MRI' if nifti else 'RF'
-    models = load_ensemble(run, device, folds)
-    _check_run_modality(models, modality, path)
     d = RUN_DEFAULTS.get(models[0][2].preset, RUN_DEFAULTS['paper'])
     sampler = sampler if sampler is not None else d['sampler']
     num_steps = num_steps if num_steps is not None else d['num_steps']
-    size = getattr(models[0][1], 'meta', {}).get('image_size')
     if size is not None and tuple(size) != tuple(slices.shape[-2:]):
         raise ValueError(f"the run's models were trained on {tuple(size)} images; detect prepares {tuple(slices.shape[-2:])}")
     keep = np.flatnonzero(slices.reshape(len(slices), -1).max(1) > 0)

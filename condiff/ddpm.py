@@ -193,7 +193,7 @@ def prediction_target(sched:NoiseSchedule, # the noise schedule
     check_prediction_type(prediction_type)
     if prediction_type == 'epsilon': return noise
     if prediction_type == 'sample': return x0
-    ab = _bcast(sched.alphas_cumprod.to(x0.device)[t], x0.ndim).to(x0.dtype)
+    ab = _bcast(sched.table(x0.device)[t], x0.ndim).to(x0.dtype)
     return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
 def eps_from_prediction(sched:NoiseSchedule, # the noise schedule
@@ -205,7 +205,7 @@ def eps_from_prediction(sched:NoiseSchedule, # the noise schedule
     "ε̂ from a network's output of any `prediction_type` (the samplers take ε̂)."
     check_prediction_type(prediction_type)
     if prediction_type == 'epsilon': return out
-    ab = _bcast(sched.alphas_cumprod.to(x_t.device)[t], x_t.ndim).to(out.dtype)
+    ab = _bcast(sched.table(x_t.device)[t], x_t.ndim).to(out.dtype)
     if prediction_type == 'sample': return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
     return ab.sqrt() * out + (1 - ab).sqrt() * x_t
 

@@ -72,8 +72,11 @@ def snapshot(*dirs) -> dict:
     return out
 
 
+from conftest import tiny_preset
+
+
 def run_cli(argv, capsys):
-    try: code = main([str(a) for a in argv])
+    try: code = main(tiny_preset(argv))
     except SystemExit as e: code = e.code
     r = capsys.readouterr()
     run_cli.out = r.out  # what the command printed (JSON), for the cases that read it
@@ -381,7 +384,7 @@ def test_killed_reproduce_then_a_second_one(env, tmp_path):
     cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'condiff.cli']
     runs = tmp_path / 'runs'
     data = str(env['root'] / 'mri.npz')
-    args = ['reproduce', '--testsets', TS, '--folds', '0,1', '--test-images', 6, '--num-steps', 2, '--runs', runs, '--out', tmp_path / 'pf',
+    args = ['reproduce', '--preset', 'tiny', '--testsets', TS, '--folds', '0,1', '--test-images', 6, '--num-steps', 2, '--runs', runs, '--out', tmp_path / 'pf',
             '--set', f'train_data="{data}"', '--set', f'val_data="{data}"', '--set', 'batch_size=2', '--set', 'val_batch_size=2',
             '--set', 'log_every=1', '--set', 'checkpoint_every=5', '--no-progress']  # the second run: --max-steps 2, reached already: it only resumes, evaluates, ensembles
     env_vars = dict(os.environ, OMP_NUM_THREADS='1')

@@ -23,11 +23,13 @@ def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
     return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)
 
 
+from conftest import tiny_preset
+
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def run_cli(*argv, capsys=None):
-    try: code = main([str(a) for a in argv])
+    try: code = main(tiny_preset(argv))
     except SystemExit as e: code = e.code
     return code
 
@@ -222,7 +224,7 @@ def test_train_fold_refuses_a_folder_trained_with_another_config(runs, tmp_path)
 
 
 def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
-    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
+    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6, preset='tiny',
                           runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=2,
                           train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
                                                batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
@@ -290,7 +292,7 @@ def test_data_seed_reaches_training(tmp_path, monkeypatch):
     real_reproduce = C.reproduce
     monkeypatch.setattr(C, 'reproduce', lambda cfg, **k: (seen.setdefault('cfg', cfg), real_reproduce(cfg, progress=False, log=None)))
     with pytest.raises(_Stop):
-        main(['reproduce', '--testsets', 'phantom-brats-t1', '--folds', '0', '--data-seed', '1', '--runs', str(tmp_path / 'r'),
+        main(['reproduce', '--preset', 'tiny', '--testsets', 'phantom-brats-t1', '--folds', '0', '--data-seed', '1', '--runs', str(tmp_path / 'r'),
               '--out', str(tmp_path / 'pf'), '--no-progress'])
     assert seen['cfg'].data_seed == 1
     tc = T.TrainConfig.from_json(json.dumps(seen['steps'][0][1]['config']))

@@ -255,3 +255,26 @@ def test_failed_update_leaves_state_unchanged():
         sm.update(v, m, scores=np.zeros(5))
     assert np.array_equal(before[0], sm.tot16) and np.array_equal(before[1], sm.pos16) and before[2] == sm.n_images
     assert sm.tot32 is None
+
+
+# ----------------------------------------------------------------------------------------------- restoration quality
+
+def test_restoration_quality_hand_computed():
+    """ŷ = y removes nothing (0); ŷ = x_h removes everything (1); a hand-computed partial case; healthy fidelity is the
+    mean |ŷ − y| over healthy foreground pixels (background and lesion excluded)."""
+    from condiff.metrics import restoration_quality, RestorationMeter
+    y = np.zeros((2, 1, 3, 3), np.float32); h = np.zeros_like(y); m = np.zeros((2, 1, 3, 3), bool)
+    y[0, 0] = [[0.9, 0.5, 0.5], [0.5, 0.8, 0.5], [0, 0, 0]]; h[0, 0] = [[0.3, 0.5, 0.5], [0.5, 0.4, 0.5], [0, 0, 0]]
+    m[0, 0, 0, 0] = m[0, 0, 1, 1] = True
+    y[1, 0] = h[1, 0] = [[0.2, 0.2, 0], [0.2, 0.2, 0], [0, 0, 0]]  # a healthy slice
+    assert restoration_quality(y, y, h, m)['lesion_removal'] == 0.0
+    assert restoration_quality(y, h, h, m)['lesion_removal'] == 1.0
+    r = y.copy(); r[0, 0, 0, 0] = 0.6; r[0, 0, 1, 1] = 0.8; r[1, 0, 0, 0] = 0.3  # removes 0.3 of 1.0 total excess
+    q = restoration_quality(y, r, h, m)
+    assert abs(q['lesion_removal'] - 0.3) < 1e-6
+    # healthy foreground: 4 pixels of slice 0 (6 above 0, 2 of them lesion) + 4 of slice 1; one moved by 0.1
+    assert abs(q['healthy_fidelity'] - 0.1 / 8) < 1e-7 and q['n_healthy_px'] == 8 and q['n_lesion_px'] == 2
+    parts = RestorationMeter().update(y[:1], r[:1], h[:1], m[:1]).merge(RestorationMeter().update(y[1:], r[1:], h[1:], m[1:]))
+    assert parts.compute() == q
+    with pytest.raises(ValueError, match='healthy shape'):
+        restoration_quality(y, r, h[:1], m)
