@@ -1024,6 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--runs', default='runs', help='root of the run folders (default runs)')
     p.add_argument('--weights-dir', default=None, help="where the weights go (default: the package's weights/ folder)")
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
+    p.add_argument('--tasks', default='0,1,2,3,4', help='synthetic tasks it learns, comma-separated ids (default: all five)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p = sub.add_parser('detect', help='anomaly map for a new scan', formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
@@ -1090,7 +1091,9 @@ def main(argv=None):
             import torch
             from condiff.train import build_base
             torch.set_num_threads(a.threads)
-            print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, progress=progress))
+            try: tasks = tuple(int(t) for t in a.tasks.split(','))
+            except ValueError: raise ValueError(f"--tasks: expected comma-separated task ids 0..4, got {a.tasks!r}") from None
+            print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, train_tasks=tasks, progress=progress))
         elif a.command == 'detect':
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size,
                        a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))

@@ -1154,6 +1154,7 @@ def build_base(kind:str, # 'mri' or 'rf'
                runs='runs', # root of the run folder (`runs/base-<kind>/cpu/fold0`)
                weights_dir=None, # where to write the float16 weights and manifest (default: the package's `weights/`)
                data_seed:int=0, # seed of the phantom data
+               train_tasks:tuple=(0, 1, 2, 3, 4), # the synthetic tasks it learns (default: all five)
                progress:bool=True, # progress bar
                **overrides, # other TrainConfig fields
               ) -> Path: # the weights file
@@ -1162,7 +1163,7 @@ def build_base(kind:str, # 'mri' or 'rf'
     if kind not in BASE_KINDS: raise ValueError(f"base model kind must be one of {sorted(BASE_KINDS)}, got {kind!r}")
     runs = Path(runs)
     data = _base_sets(kind, data_seed, None, TRAIN_PRESETS['cpu']['image_size'], runs / f"base-{kind}" / 'data')
-    cfg = TrainConfig.from_preset('cpu', dataset=f"base-{kind}", sequence=None, train_tasks=(0, 1, 2, 3, 4), max_steps=max_steps,
+    cfg = TrainConfig.from_preset('cpu', dataset=f"base-{kind}", sequence=None, train_tasks=tuple(train_tasks), max_steps=max_steps,
                                   train_data=str(data['train']), val_data=str(data['val']), data_seed=data_seed, **overrides)
     t0 = time.process_time()
     run = train(cfg, runs, progress=progress)
@@ -1174,7 +1175,8 @@ def build_base(kind:str, # 'mri' or 'rf'
     _atomic_bytes(w, blob)
     info = json.loads((run / 'run.json').read_text())
     man = dict(kind=kind, file=w.name, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), dtype='float16',
-               command=f"condiff pretrain {kind} --max-steps {max_steps}", git_commit=info.get('git_commit'), steps=info.get('step'),
+               command=f"condiff pretrain {kind} --max-steps {max_steps}" + ('' if tuple(train_tasks) == (0, 1, 2, 3, 4) else
+                       f" --tasks {','.join(map(str, train_tasks))}"), git_commit=info.get('git_commit'), steps=info.get('step'),
                wall_s=info.get('wall_s'), process_cpu_s=round(time.process_time() - t0, 1), machine=dict(platform=platform.platform(),
                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
                versions=info.get('versions'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
