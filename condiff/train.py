@@ -1165,7 +1165,6 @@ def build_base(kind:str, # 'mri' or 'rf'
     data = _base_sets(kind, data_seed, None, TRAIN_PRESETS['cpu']['image_size'], runs / f"base-{kind}" / 'data')
     cfg = TrainConfig.from_preset('cpu', dataset=f"base-{kind}", sequence=None, train_tasks=tuple(train_tasks), max_steps=max_steps,
                                   train_data=str(data['train']), val_data=str(data['val']), data_seed=data_seed, **overrides)
-    t0 = time.process_time()
     run = train(cfg, runs, progress=progress)
     model, _ = load_model(run, 'latest')
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
@@ -1177,7 +1176,7 @@ def build_base(kind:str, # 'mri' or 'rf'
     man = dict(kind=kind, file=w.name, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), dtype='float16',
                command=f"condiff pretrain {kind} --max-steps {max_steps}" + ('' if tuple(train_tasks) == (0, 1, 2, 3, 4) else
                        f" --tasks {','.join(map(str, train_tasks))}"), git_commit=info.get('git_commit'), steps=info.get('step'),
-               wall_s=info.get('wall_s'), process_cpu_s=round(time.process_time() - t0, 1), machine=dict(platform=platform.platform(),
+               wall_s=info.get('wall_s'), machine=dict(platform=platform.platform(),
                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
                versions=info.get('versions'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     _atomic_bytes(d / f"base-{kind}.json", json.dumps(man, indent=1).encode())
