@@ -363,7 +363,11 @@ def ensemble_folds(testset:str, # a TESTSETS name
     check_same_family([fold_dir(runs, testset, preset, f) for f in fl], dict(dataset=ts.train[0], sequence=ts.train[1], preset=preset))
     check_same_family([fold_dir(runs, testset, preset, f) for f in fl])  # the same data fingerprint, channels, modality
     modality = 'RF' if ts.column == 'DDR' else 'MRI'
-    if data is None and TESTSETS[ts.name].data == 'phantom': data = load_testset(testset, preset=preset, progress=progress, **load_kw)
+    if data is None and TESTSETS[ts.name].data == 'phantom':  # best effort: measure the restorations if the same slices load
+        from condiff.inference import TensorFile, sliceset_fingerprint
+        data = load_testset(testset, preset=preset, progress=progress, **load_kw)
+        with TensorFile(dirs[0] / 'maps.safetensors') as tf: evaluated = tf.meta.get('testset_fingerprint')
+        if sliceset_fingerprint(data) != evaluated: data = None  # other options (e.g. test_images) were evaluated
     with _rank0_lock(ensemble_dir(runs, testset, preset), 'ensemble folder'):
         return ensemble(dirs, ensemble_dir(runs, testset, preset), modality, progress=progress, testset=data)
 

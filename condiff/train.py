@@ -1062,7 +1062,7 @@ def load_model(run_dir, # a run folder written by `train`
     cfg = TrainConfig.from_json(run_dir / 'config.json')
     ck = resolve_checkpoint(run_dir, which)
     meta = verify_checkpoint(ck)  # refuse a checkpoint whose files do not match their recorded digests
-    model = (build_unet_from_config(meta['model_config']) if meta.get('model_config') else build_unet(cfg.unet, meta['img_channels']))
+    model = build_unet(cfg.unet, meta['img_channels'], **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
     _check_compatible(meta, model, ck)
     try:
         sd = _st_load((ck / 'model.safetensors').read_bytes())

@@ -233,7 +233,7 @@ def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
     assert m1['skipped'] == {'train': [], 'evaluate': [], 'ensemble': []} and m1['jobs'] == 2 and m1['threads_per_job'] == 1
     pf = tmp_path / 'pf'
     assert sorted(p.name for p in pf.iterdir()) == ['figure3.pdf', 'figure3.png', 'manifest.json', 'table1.csv',
-                                                     'table1.md', 'table1.tex']
+                                                     'table1.md', 'table1.tex', 'table1_restoration.csv']
     man = json.loads((pf / 'manifest.json').read_text())
     for k in ('commit', 'config', 'train_configs', 'seeds', 'wall_s', 'stage_wall_s', 'machine', 'versions', 'results'):
         assert k in man, k
@@ -327,7 +327,7 @@ def test_folds_spread_over_visible_gpus(monkeypatch):
 
 def test_reproduce_batched_folds_matches_per_fold(runs, tmp_path):
     "reproduce with batched_folds=True: one evaluation step per test set, both folds restored together, the same metrics."
-    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6,
+    cfg = ReproduceConfig(testsets=('phantom-brats-t1',), folds=(0, 1), max_steps=2, num_steps=2, test_images=6, preset='tiny',
                           runs=str(tmp_path / 'runs'), out=str(tmp_path / 'pf'), jobs=1, batched_folds=False,
                           train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
                                                batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
