@@ -1,4 +1,5 @@
 "Shared pytest fixtures."
+import numpy as np
 import pytest
 
 
@@ -22,3 +23,12 @@ def tiny_preset(argv):
     argv = [str(a) for a in argv]
     if argv and argv[0] in PRESET_COMMANDS and '--preset' not in argv: argv = [argv[0], '--preset', 'tiny', *argv[1:]]
     return argv
+
+
+def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
+    "A noisy ellipsoid volume (a skull-stripped 'scan') for the detect tests."
+    g = np.mgrid[tuple(slice(0, s) for s in shape)].astype(np.float32)
+    c = [(s - 1) / 2 for s in shape]
+    inside = ((g[0] - c[0]) / (shape[0] * .35)) ** 2 + ((g[1] - c[1]) / (shape[1] * .33)) ** 2 + ((g[2] - c[2]) / (shape[2] * .6)) ** 2 < 1
+    rng = np.random.default_rng(seed)
+    return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)

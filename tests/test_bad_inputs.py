@@ -25,12 +25,7 @@ AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 NO_GPU = not torch.cuda.is_available()
 
 
-def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
-    g = np.mgrid[tuple(slice(0, s) for s in shape)].astype(np.float32)
-    c = [(s - 1) / 2 for s in shape]
-    inside = ((g[0] - c[0]) / (shape[0] * .35)) ** 2 + ((g[1] - c[1]) / (shape[1] * .33)) ** 2 + ((g[2] - c[2]) / (shape[2] * .6)) ** 2 < 1
-    rng = np.random.default_rng(seed)
-    return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)
+from conftest import ellipsoid  # a noisy ellipsoid "scan" for the detect tests
 
 
 @pytest.fixture(scope='module')
