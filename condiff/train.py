@@ -68,6 +68,7 @@ class TrainConfig:
     batch_size: int = 32  # GLOBAL batch size, split evenly over the ranks
     max_steps: int = 500_000  # optimisation steps
     ema_max_decay: float = 0.9999  # EMA decay cap
+    ema_warmup: bool|None = None  # EMA decay warm-up (1+s)/(10+s): None = on from a random init (paper), off when warm-started (`init_weights`: the average starts at those weights and uses its cap from the first step)
     # -- validation, early stopping, checkpoints
     val_every: int = 500  # validate every this many steps ...
     val_start: int = 5000  # ... once the step is at least this
@@ -137,6 +138,7 @@ class TrainConfig:
         need(lambda: self.weight_decay >= 0, 'weight_decay', f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(lambda: self.adam_eps > 0, 'adam_eps', f"adam_eps must be > 0, got {self.adam_eps!r}")
         need(lambda: self.grad_clip > 0, 'grad_clip', f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(lambda: self.ema_warmup in (None, True, False), 'ema_warmup', f"ema_warmup must be True, False or None (auto), got {self.ema_warmup!r}")
         need(lambda: 0 <= self.ema_max_decay < 1, 'ema_max_decay', f"ema_max_decay must be in [0, 1), got {self.ema_max_decay!r}")
         need(lambda: 0 <= self.ma_alpha < 1, 'ma_alpha', f"ma_alpha must be in [0, 1), got {self.ma_alpha!r}")
         need(lambda: self.train_tasks is None or (isinstance(self.train_tasks, tuple) and len(self.train_tasks) > 0
@@ -315,8 +317,10 @@ def ema_decay(step:int, max_decay:float=0.9999) -> float:
 
 class EMA:
     "Exponential moving average of a model's parameters (buffers are copied), diffusers `EMAModel` arithmetic."
-    def __init__(self, model:torch.nn.Module, max_decay:float=0.9999):
-        self.max_decay, self.step = max_decay, 0
+    def __init__(self, model:torch.nn.Module, max_decay:float=0.9999,
+                 warmup:bool=True, # decay (1+s)/(10+s) up to the cap; False: the cap from the first step (an average that starts at the model's weights)
+                ):
+        self.max_decay, self.warmup, self.step = max_decay, warmup, 0
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone().float() for _, p in model.named_parameters()]
 
@@ -324,7 +328,7 @@ class EMA:
     def update(self, model:torch.nn.Module):
         "One EMA step after an optimisation step."
         self.step += 1
-        w = 1 - ema_decay(self.step, self.max_decay)
+        w = 1 - (ema_decay(self.step, self.max_decay) if self.warmup else self.max_decay)
         params = [p for _, p in model.named_parameters()]
         grad = [(s, p) for s, p in zip(self.shadow, params) if p.requires_grad]
         for s, p in zip(self.shadow, params):
@@ -705,7 +709,7 @@ class Trainer:
         self.init_digest = init_from_weights(self.model, init) if init else None
         self.model = self.model.to(self.device)
         if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, cfg.ema_max_decay)
+        self.ema = EMA(self.model, cfg.ema_max_decay, warmup=(init is None) if cfg.ema_warmup is None else cfg.ema_warmup)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                      eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
         self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
