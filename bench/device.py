@@ -383,7 +383,8 @@ def folds_section(b: Bench, cfg):
 def phantom_section(b: Bench, cfg):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from condiff.data import get_dataset, save_sliceset, to_model_space
+    from condiff.experiment import get_dataset
+    from condiff.data import save_sliceset, to_model_space
     from condiff.train import TrainConfig, Trainer
     from condiff.inference import restore_dataset, slice_seeds
     from condiff.ssim import anomaly_map

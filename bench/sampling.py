@@ -5,7 +5,7 @@ with each sampler through `condiff.inference.evaluate_fold`, and prints one JSON
 max_Dice, restoration seconds, and ratios against the paper sampler measured in the same run. A last line measures what
 the float16 map storage does to the pixel metrics (float32 maps of the paper sampler, recomputed, against the stored
 float16 ones), and the random-classifier AP_p (the lesion pixel fraction). The lines are also written to
-OUT/bench.jsonl, which the experiment section of nbs/08_inference.ipynb reads. Every step is resumable: an existing
+OUT/bench.jsonl, which the experiment section of nbs/09_inference.ipynb reads. Every step is resumable: an existing
 run (with a `best` checkpoint) is not retrained, and finished evaluations are reused.
 
     nice -n 10 .venv/bin/python bench/sampling.py --out /tmp/condiff-sampling --train-minutes 8 --threads 1
@@ -33,7 +33,7 @@ def main(argv=None):
     if a.threads: os.environ['OMP_NUM_THREADS'] = str(a.threads)
     import torch
     if a.threads: torch.set_num_threads(a.threads)
-    from condiff.data import get_dataset
+    from condiff.experiment import get_dataset
     from condiff.inference import evaluate_fold
     from condiff.train import read_log
 

@@ -6,7 +6,8 @@ Docs: https://condiff.github.io/condiff/data.html.md"""
 
 # %% ../nbs/05_data.ipynb #544c55ff
 from __future__ import annotations
-import glob as _glob, hashlib, importlib, json, logging, os, tempfile
+import glob as _glob, hashlib, json, logging, os, tempfile
+from functools import partial
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -15,15 +16,20 @@ import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+from .checks import file_mode
+import nibabel as nib
+from skimage.transform import resize
+from PIL import Image
 
 # %% auto #0
-__all__ = ['log', 'MODALITIES', 'TEST_SPLITS', 'ANOMAL_SPLIT', 'PREPROC_VERSION', 'LAYOUTS', 'DDR_DIR', 'REAL_DATASETS',
-           'PHANTOM_DATASETS', 'SPLITS', 'REGISTRATION', 'to_model_space', 'from_model_space', 'SliceSet',
-           'atomic_write', 'save_sliceset', 'load_sliceset', 'volume_of', 'summarise', 'nifti_stem', 'read_nifti',
-           'read_volume', 'select_slices', 'crop_square', 'zero_small', 'resize_slices', 'scale_to_unit', 'binarise',
+__all__ = ['log', 'MODALITIES', 'TEST_SPLITS', 'ANOMAL_SPLIT', 'PREPROC_VERSION', 'LAYOUTS', 'DDR_DIR', 'REAL_DATASETS', 'SPLITS',
+           'DATASETS', 'REGISTRATION', 'to_model_space', 'from_model_space', 'SliceSet', 'atomic_write',
+           'save_sliceset', 'load_sliceset', 'volume_of', 'summarise', 'nifti_stem', 'read_nifti', 'read_volume',
+           'select_slices', 'crop_square', 'zero_small', 'resize_slices', 'scale_to_unit', 'binarise',
            'preprocess_volume', 'split_slices', 'split_volumes', 'load_volumes', 'find_volumes', 'load_folder',
            'resize_center_crop', 'load_fundus', 'image_bits', 'image_range', 'load_fundus_mask', 'ddr_files',
-           'load_ddr', 'split_ddr_test', 'default_cache_dir', 'get_dataset', 'register_to_atlas', 'prepare_dataset']
+           'load_ddr', 'split_ddr_test', 'default_cache_dir', 'load_real', 'register_dataset', 'register_to_atlas',
+           'prepare_dataset']
 
 # %% ../nbs/05_data.ipynb #4d40e692
 MODALITIES = ('MRI', 'RF')
@@ -111,7 +117,6 @@ def atomic_write(path, write_fn, suffix=''):
     os.close(fd)
     try:
         write_fn(tmp)
-        from condiff.checks import file_mode
         os.chmod(tmp, file_mode())  # mkstemp makes 0600 files: outputs get the one documented mode instead
         os.replace(tmp, path)
     except BaseException:
@@ -171,7 +176,6 @@ def read_nifti(path, what='volume'):
     "Load a 3-D NIfTI file: (float64 array in file axis order, 4×4 affine); errors name the file and the problem."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: {what} file not found")
-    import nibabel as nib
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(caching='unchanged'))
@@ -213,7 +217,6 @@ def zero_small(vol:np.ndarray, threshold:float=1e-4) -> np.ndarray:
 
 def resize_slices(vol:np.ndarray, size:int=128) -> np.ndarray:
     "Step 5: resize every slice to size×size as the official code: skimage, order 1, anti-aliasing, mode reflect."
-    from skimage.transform import resize
     if len(vol) == 0: return np.zeros((0, size, size), np.float32)
     # Same call as the official `resize(vol, [S, size, size])`: its defaults are order 1, mode 'reflect', and
     # anti-aliasing whenever an axis shrinks (σ=(factor-1)/2 per axis, so 0 across slices and when enlarging).
@@ -415,7 +418,6 @@ def load_folder(root,
 
 # %% ../nbs/05_data.ipynb #9a6aca1f
 def _open_image(path, what='image'):
-    from PIL import Image
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: {what} file not found")
     try:
@@ -427,7 +429,6 @@ def _open_image(path, what='image'):
 
 def resize_center_crop(im, size:int=128, resample=None):
     "torchvision's `Resize(size)` (shorter side → size) then `CenterCrop(size)`, on a PIL image."
-    from PIL import Image
     resample = Image.LANCZOS if resample is None else resample
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
@@ -441,7 +442,6 @@ def resize_center_crop(im, size:int=128, resample=None):
 
 def load_fundus(path, size:int=128) -> np.ndarray:
     "A fundus photograph as RGB 3×size×size float32 in [0, 1] (Lanczos resize of the shorter side, centre crop)."
-    from PIL import Image
     im = _open_image(path)
     bits = image_bits(im)
     if bits > 8:  # 16-bit (or float) greyscale: scaled by its true bit depth, not saturated by PIL's 8-bit conversion
@@ -469,7 +469,6 @@ def image_range(path) -> dict:
 
 def load_fundus_mask(path, size:int=128, image_size=None) -> np.ndarray:
     "A 0/255 lesion mask as 1×size×size bool (nearest resize, centre crop); `image_size` (W, H) is checked if given."
-    from PIL import Image
     im = _open_image(path, 'mask')
     if image_size is not None and tuple(im.size) != tuple(image_size):
         raise ValueError(f"{path}: mask size {im.size} does not match its image's size {tuple(image_size)} (W×H)")
@@ -539,8 +538,8 @@ def split_ddr_test(ss:SliceSet, test_split='big') -> SliceSet:
 
 # %% ../nbs/05_data.ipynb #80ddc422
 REAL_DATASETS = ('camcan', 'brats', 'atlas', 'ddr')
-PHANTOM_DATASETS = ('phantom-brain', 'phantom-brats', 'phantom-atlas', 'phantom-fundus', 'phantom-ddr')
 SPLITS = ('train', 'val', 'test')
+DATASETS = {}  # the dataset registry: name -> loader(split, sequence, root, seed, cache_dir, **kw) -> SliceSet
 _POOLS = {'camcan': ('train',), 'brats': ('test',), 'atlas': ('test',), 'ddr': ('train', 'test')}
 _ZERO_BELOW = {'camcan': 1e-4, 'brats': 1e-4, 'atlas': 0.1}
 _OPTS = {'mri': dict(size=128, slice_range=(0, 155), zero_below=None, mask_threshold=0.4),
@@ -573,39 +572,17 @@ def _cached(cache_dir, stem:str, key:dict, build):
     save_sliceset(ss, path)
     return ss
 
-def _phantom(name, split, sequence, seed, cache_dir, kw):
-    try: ph = importlib.import_module('condiff.phantom')
-    except ImportError as e: raise ImportError(f"{name} needs condiff.phantom, which could not be imported ({e})") from e
-    test_only = {'phantom-brats', 'phantom-atlas', 'phantom-ddr'}
-    if name in test_only and split != 'test':
-        raise ValueError(f"{name} is a test set: split must be 'test', got {split!r} (training data: "
-                         f"{'phantom-fundus' if name == 'phantom-ddr' else 'phantom-brain'})")
-    if name not in test_only and split not in ('train', 'val'):
-        raise ValueError(f"{name} is a training set: split must be 'train' or 'val', got {split!r}")
-    if name in ('phantom-brain', 'phantom-brats') and sequence not in ('t1', 't2'):
-        raise ValueError(f"{name} needs sequence 't1' or 't2', got {sequence!r}")
-    if name == 'phantom-atlas' and sequence not in (None, 't1'): raise ValueError(f"phantom-atlas is T1 only, got sequence {sequence!r}")
-    if name in ('phantom-fundus', 'phantom-ddr') and sequence is not None: raise ValueError(f"{name} has no sequence, got {sequence!r}")
-    common = dict(seed=seed, cache_dir=cache_dir, **kw)
-    if name == 'phantom-brain': return ph.phantom_brain(split, sequence, **common)
-    if name == 'phantom-brats': return ph.phantom_brats(sequence, **common)
-    if name == 'phantom-atlas': return ph.phantom_atlas(**common)
-    if name == 'phantom-fundus': return ph.phantom_fundus(split, **common)
-    return ph.phantom_ddr(**common)
-
-def get_dataset(name:str,  # a real dataset (camcan, brats, atlas, ddr) or a phantom (phantom-brain, ...)
-                split:str,  # 'train', 'val' or 'test'
-                sequence:str|None=None,  # 't1' or 't2' for brain MRI
-                root=None,  # the datasets folder holding MRI/ and RF/ (real datasets only)
-                seed:int=0,  # phantoms only: the real datasets are deterministic
-                cache_dir=None,  # cache folder; None: default_cache_dir(); False: no cache
-                **kw) -> SliceSet:
-    "The slices of one dataset split, preprocessed as the official benchmark (see the table above)."
+def load_real(name:str,  # a real dataset: camcan, brats, atlas or ddr
+              split:str,  # 'train', 'val' or 'test'
+              sequence:str|None=None,  # 't1' or 't2' for brain MRI
+              root=None,  # the datasets folder holding MRI/ and RF/
+              cache_dir=None,  # cache folder; None: default_cache_dir(); False: no cache
+              **kw) -> SliceSet:
+    "The slices of one real dataset split, preprocessed as the official benchmark (see the table above)."
     name = str(name).lower()
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     seq = None if sequence is None else str(sequence).lower()
-    if name in PHANTOM_DATASETS: return _phantom(name, split, seq, seed, cache_dir, kw)
-    if name not in REAL_DATASETS: raise ValueError(f"unknown dataset {name!r}; known: {REAL_DATASETS + PHANTOM_DATASETS}")
+    if name not in REAL_DATASETS: raise ValueError(f"unknown real dataset {name!r}; known: {REAL_DATASETS}")
     pool = 'train' if split in ('train', 'val') else 'test'
     if pool not in _POOLS[name]:
         raise ValueError(f"{name} has no {split!r} split (it is a {'training' if pool == 'test' else 'test'} set)")
@@ -646,12 +623,23 @@ def get_dataset(name:str,  # a real dataset (camcan, brats, atlas, ddr) or a pha
     log.info("%s: %s volumes, %d slices, %d anomalous", out.name, s['volumes'], s['slices'], s['anomalous_slices'])
     return out
 
+def register_dataset(name:str, # the name `get_dataset` knows it by
+                     loader, # loader(split, sequence, root, seed, cache_dir, **kw) -> SliceSet
+                    ):
+    "Add a dataset to the registry (`DATASETS`) that `condiff.experiment.get_dataset` reads; returns `loader`."
+    DATASETS[str(name).lower()] = loader
+    return loader
+
+def _real(name, split, sequence=None, root=None, seed=0, cache_dir=None, **kw):
+    return load_real(name, split, sequence, root, cache_dir, **kw)  # deterministic: no seed
+
+for _n in REAL_DATASETS: register_dataset(_n, partial(_real, _n))
+
 # %% ../nbs/05_data.ipynb #5655d891
 REGISTRATION = dict(nbins=32, sampling_proportion=None, level_iters=(100, 10, 5), sigmas=(3.0, 1.0, 1.0), factors=(4, 2, 1))
 
 def _save_nifti(arr:np.ndarray, affine:np.ndarray, path):
     "Save atomically, as int16 if every value is an integer (the official rule), else float32."
-    import nibabel as nib
     arr = np.asarray(arr)
     with np.errstate(invalid='ignore', over='ignore'):
         dtype = np.int16 if np.abs(arr - arr.astype(np.int16)).sum() == 0 else np.float32

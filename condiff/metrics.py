@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['image_metrics', 'pixel_metrics', 'StreamingMetrics', 'RestorationMeter', 'restoration_quality']
+__all__ = ['METRIC_KEYS', 'image_metrics', 'pixel_metrics', 'StreamingMetrics', 'RestorationMeter', 'restoration_quality',
+           'fold_summary']
 
 # %% ../nbs/04_metrics.ipynb #f1ad8cc3
 def _ap_dice(pos:np.ndarray, # positives in each group, groups in decreasing value order
@@ -330,3 +331,23 @@ class RestorationMeter:
 def restoration_quality(images, restorations, healthy, masks) -> dict:
     "Lesion removal and healthy fidelity of one set at once (see `RestorationMeter`)."
     return RestorationMeter().update(images, restorations, healthy, masks).compute()
+
+# %% ../nbs/04_metrics.ipynb #6a33542e
+METRIC_KEYS = ('AP_i', 'AUROC', 'AP_p', 'max_Dice')  # the four numbers of Table 1, in the paper's order
+
+def fold_summary(fold_metrics, # one metrics dict per fold (keys as `condiff.metrics`), or {fold: dict}
+                 ddof:int=0, # 0: population std (numpy default); 1: sample std
+                ) -> dict: # {'avg': {...}, 'max': {...}, 'std': {...}}
+    "Ours_avg, Ours_max and Ours_std: mean, per-metric maximum and standard deviation over the folds."
+    ms = list(fold_metrics.values()) if isinstance(fold_metrics, dict) else list(fold_metrics)
+    if not ms: raise ValueError("fold_summary needs the metrics of at least one fold")
+    if ddof not in (0, 1): raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    out = {'avg': {}, 'max': {}, 'std': {}}
+    for m in METRIC_KEYS:
+        missing = [i for i, d in enumerate(ms) if m not in d]
+        if missing: raise ValueError(f"metric {m!r} missing from fold result(s) at position {missing}")
+        v = np.array([float(d[m]) for d in ms])
+        if not np.isfinite(v).all(): raise ValueError(f"metric {m!r} is not finite in some fold: {v.tolist()}")
+        out['avg'][m], out['max'][m] = float(v.mean()), float(v.max())
+        out['std'][m] = float(v.std(ddof=ddof)) if len(v) > ddof else float('nan')
+    return out

@@ -7,21 +7,24 @@ Docs: https://condiff.github.io/condiff/phantom.html.md"""
 # %% ../nbs/06_phantom.ipynb #d4bd758a
 from __future__ import annotations
 import copy, hashlib, json, os, warnings
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 import numpy as np
+import skimage.data
+from PIL import Image
 from scipy import ndimage as ndi
+from skimage.measure import label as connected_components
 from tqdm.auto import tqdm
-from .data import (SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit,
-                          binarise, resize_center_crop)
+from .checks import quarantine
+from .data import SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit, binarise, resize_center_crop, register_dataset
 
 # %% auto #0
 __all__ = ['STREAMS', 'PHANTOM_VERSION', 'FOV', 'MNI_SHAPE', 'PAD', 'Z_MAX', 'BOX', 'SEQUENCES', 'CONTRASTS', 'RF_WORK',
-           'DR_TYPES', 'DEFAULTS', 'NORMAL_SPLIT', 'PAPER_RANDOM', 'mni_tissues', 'BrainSubject', 'sample_tissues',
-           'bias_field', 'render_mri', 'preprocess_mri', 'brain_subject', 'tumour_params', 'mass_effect',
-           'tumour_layers', 'stroke_params', 'stroke_layers', 'retina_base', 'FundusView', 'preprocess_fundus',
-           'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'noise_floor', 'phantom_brain', 'phantom_brats',
-           'phantom_atlas', 'phantom_fundus', 'phantom_ddr', 'lesion_stats']
+           'DR_TYPES', 'DEFAULTS', 'NORMAL_SPLIT', 'PHANTOM_DATASETS', 'PAPER_RANDOM', 'mni_tissues', 'BrainSubject',
+           'sample_tissues', 'bias_field', 'render_mri', 'preprocess_mri', 'brain_subject', 'tumour_params',
+           'mass_effect', 'tumour_layers', 'stroke_params', 'stroke_layers', 'retina_base', 'FundusView',
+           'preprocess_fundus', 'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'noise_floor', 'phantom_brain',
+           'phantom_brats', 'phantom_atlas', 'phantom_fundus', 'phantom_ddr', 'phantom_dataset', 'lesion_stats']
 
 # %% ../nbs/06_phantom.ipynb #ba518f3a
 STREAMS = dict(brain=1, brats=2, atlas=3, fundus=4, ddr=5)  # one random stream per dataset: subjects never shared
@@ -332,9 +335,7 @@ RF_WORK = 512  # working resolution of the fundus phantom (the photograph is 141
 @lru_cache(1)
 def retina_base() -> dict:
     "scikit-image's retina photograph at `RF_WORK`² (PIL RGBA: the alpha is the field of view), optic disc / FOV geometry (px)."
-    from skimage import data
-    from PIL import Image
-    r = data.retina()
+    r = skimage.data.retina()
     lum = r.astype(np.float32).mean(2)
     fov_full = lum > 20
     s = RF_WORK / r.shape[0]
@@ -376,7 +377,6 @@ class FundusView:
 
     def geometry(self, cell:int=64):
         "The warped photograph (H×W×3 float32 in [0,1]), its FOV mask, and disc / FOV centre / radius in output pixels."
-        from PIL import Image
         B, n = retina_base(), RF_WORK // cell
         g = np.arange(n + 1) * cell
         yy, xx = np.meshgrid(g, g, indexing='ij')
@@ -406,7 +406,6 @@ def preprocess_fundus(photo:np.ndarray, # H×W×3 uint8 photograph
                       masks:dict|None=None, # name → H×W bool full-resolution masks
                       size:int=128):
     "DDR preprocessing (`condiff.data.resize_center_crop`): image 3×size×size float32 in [0,1]; masks nearest, bool."
-    from PIL import Image
     x = np.asarray(resize_center_crop(Image.fromarray(photo), size, Image.LANCZOS), np.float32).transpose(2, 0, 1) / 255
     m = {k: np.asarray(resize_center_crop(Image.fromarray(v.astype(np.uint8) * 255), size, Image.NEAREST)) > 0
          for k, v in (masks or {}).items()}
@@ -533,7 +532,6 @@ def _cached(keys:dict, # name → cache key (JSON-able) of every set that `build
     if path.exists():
         try: return _load_checked(path, keys[want])
         except Exception as e:
-            from condiff.checks import quarantine  # moved aside as *.corrupt-<time> (warns), never reused
             quarantine(path, f"corrupt or stale phantom cache ({type(e).__name__}: {e}); regenerating it")
     sets = build()
     for name, ss in sets.items():
@@ -674,6 +672,35 @@ def phantom_ddr(seed:int=0, cache_dir=None, # as `phantom_brain`
              [(f"unhealthy/{i:04d}", 'ddr', (1, i), True) for i in range(n - n // 2)])
     return _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-ddr', seed, specs, progress, size)}, cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #ca5c649e
+PHANTOM_DATASETS = ('phantom-brain', 'phantom-brats', 'phantom-atlas', 'phantom-fundus', 'phantom-ddr')
+_TEST_ONLY = ('phantom-brats', 'phantom-atlas', 'phantom-ddr')
+
+def phantom_dataset(name:str, # one of PHANTOM_DATASETS
+                    split:str, # 'train' / 'val' (phantom-brain, phantom-fundus) or 'test' (the others)
+                    sequence:str|None=None, # 't1' / 't2' (MRI sets), None (fundus)
+                    root=None, # unused: phantoms are built, not read
+                    seed:int=0, cache_dir=None, # as `phantom_brain`
+                    **kw) -> SliceSet:
+    "One phantom set under its registry name, with the split and sequence checked (what `get_dataset` calls)."
+    if name in _TEST_ONLY and split != 'test':
+        raise ValueError(f"{name} is a test set: split must be 'test', got {split!r} (training data: "
+                         f"{'phantom-fundus' if name == 'phantom-ddr' else 'phantom-brain'})")
+    if name not in _TEST_ONLY and split not in ('train', 'val'):
+        raise ValueError(f"{name} is a training set: split must be 'train' or 'val', got {split!r}")
+    if name in ('phantom-brain', 'phantom-brats') and sequence not in ('t1', 't2'):
+        raise ValueError(f"{name} needs sequence 't1' or 't2', got {sequence!r}")
+    if name == 'phantom-atlas' and sequence not in (None, 't1'): raise ValueError(f"phantom-atlas is T1 only, got sequence {sequence!r}")
+    if name in ('phantom-fundus', 'phantom-ddr') and sequence is not None: raise ValueError(f"{name} has no sequence, got {sequence!r}")
+    common = dict(seed=seed, cache_dir=cache_dir, **kw)
+    if name == 'phantom-brain': return phantom_brain(split, sequence, **common)
+    if name == 'phantom-brats': return phantom_brats(sequence, **common)
+    if name == 'phantom-atlas': return phantom_atlas(**common)
+    if name == 'phantom-fundus': return phantom_fundus(split, **common)
+    return phantom_ddr(**common)
+
+for _n in PHANTOM_DATASETS: register_dataset(_n, partial(phantom_dataset, _n))
+
 # %% ../nbs/06_phantom.ipynb #3abf2372
 PAPER_RANDOM = {  # Table 1 of the paper, row "Random": (AP_i = anomalous fraction, AP_p = random pixel AP)
     'BraTS-T2': dict(AP_i=0.48, AP_p=0.06), 'BraTS-T1': dict(AP_i=0.48, AP_p=0.06),
@@ -682,10 +709,9 @@ PAPER_RANDOM = {  # Table 1 of the paper, row "Random": (AP_i = anomalous fracti
 def lesion_stats(ss:SliceSet) -> dict:
     "Slices, anomalous fraction, lesion pixel fractions (of all pixels; of foreground = random AP_p), lesion sizes (px)."
     if ss.masks is None: raise ValueError(f"{ss.name!r} has no masks")
-    from skimage.measure import label
     m = ss.masks[:, 0]
     fg = (ss.images.max(1) > 0) | m if ss.modality == 'MRI' else np.ones_like(m)
-    sizes = np.concatenate([np.bincount(label(x, connectivity=2).ravel())[1:] for x in m if x.any()] or [np.zeros(0, int)])
+    sizes = np.concatenate([np.bincount(connected_components(x, connectivity=2).ravel())[1:] for x in m if x.any()] or [np.zeros(0, int)])
     frac_fg = float(m.sum() / fg.sum())
     return dict(slices=len(ss), anomalous_fraction=float(ss.labels.mean()), lesion_fraction=float(m.mean()),
                 lesion_fraction_fg=frac_fg, random_AP_p=frac_fg,

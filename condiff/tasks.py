@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 import numpy as np
 from scipy import fft as sfft, ndimage as ndi
+import skimage.data
+from skimage.color import rgb2gray
+from skimage.transform import resize
+from skimage.util import img_as_float
 
 # %% auto #0
 __all__ = ['TASK_NAMES', 'FOLDS', 'MIN_SIZE', 'SHEAR_STD', 'MIN_ANOM_PROP', 'MAX_ANOM_PROP', 'THRESHOLD', 'HALVE_EVERY',
@@ -363,10 +367,6 @@ def texture_source(channels:int,  # 1 (grey, for MRI) or 3 (RGB)
 
 @lru_cache(maxsize=8)
 def _textures(channels, size, names):
-    import skimage.data
-    from skimage.color import rgb2gray
-    from skimage.transform import resize
-    from skimage.util import img_as_float
     out = []
     for n in names:
         if not callable(getattr(skimage.data, n, None)): raise ValueError(f"unknown scikit-image data image {n!r}")

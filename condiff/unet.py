@@ -13,6 +13,8 @@ from torch import nn
 import torch.nn.functional as F
 from einops import rearrange
 from .ddpm import check_prediction_type
+from torch.utils.flop_counter import FlopCounterMode
+from safetensors.torch import load_file
 
 # %% auto #0
 __all__ = ['UNET_PRESETS', 'UNET_FIELD_DEFAULTS', 'timestep_embedding', 'TimestepEmbedding', 'ResnetBlock', 'Attention',
@@ -355,7 +357,6 @@ def unet_flops(config:dict,  # a `model.config`
                size:int=128,  # input height = width
               ) -> dict:
     "Forward FLOPs per image of each top-level block (and 'total'), counted on the meta device."
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device('meta'):
         m = build_unet_from_config(config)
         x = torch.zeros(1, config['img_channels'], size, size)
@@ -417,7 +418,6 @@ def _read_state_dict(path):
         if p is None: raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {path}")
     if not p.exists(): raise FileNotFoundError(f"no diffusers weights at {p}")
     if p.suffix == '.safetensors':
-        from safetensors.torch import load_file
         return load_file(str(p))
     return torch.load(p, map_location='cpu', weights_only=True)
 

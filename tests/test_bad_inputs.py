@@ -11,9 +11,11 @@ import pytest
 import nibabel as nib
 from PIL import Image
 import torch
-from condiff import cli
-from condiff.cli import (main, fold_config, train_fold, evaluate, ensemble_folds, volume_to_slices, detect, ReproduceConfig,
-                         load_ensemble, collect_results, figure3_panels, check_same_family, train_config, eval_dir, fold_dir)
+from condiff import cli, experiment
+from condiff.cli import main
+from condiff.pipeline import fold_config, train_fold, evaluate, ensemble_folds, ReproduceConfig, collect_results, figure3_panels, check_same_family, train_config
+from condiff.detect import volume_to_slices, detect, load_ensemble
+from condiff.experiment import eval_dir, fold_dir
 from condiff.checks import BadInput, lock_holder, _pid_alive
 from condiff.data import SliceSet, save_sliceset
 from condiff.train import load_model, CorruptCheckpoint, read_log

@@ -4,9 +4,9 @@ import csv, re, statistics
 from pathlib import Path
 import numpy as np
 import pytest
-from condiff.report import (TABLE1_COLUMNS, TABLE1_METRICS, TESTSETS, PHANTOM_TESTSETS, OursResult, Figure3Panel,
-                            build_table1, closest_fold, fold_summary, format_value, intensity_control, lesion_ellipses, paper_table1,
-                            plot_figure3, random_metrics, read_table1_csv, save_figure3, select_examples, write_table1)
+from condiff.experiment import TABLE1_COLUMNS, TESTSETS, PHANTOM_TESTSETS
+from condiff.report import TABLE1_METRICS, OursResult, Figure3Panel, build_table1, closest_fold, format_value, intensity_control, lesion_ellipses, paper_table1, plot_figure3, random_metrics, read_table1_csv, save_figure3, select_examples, write_table1
+from condiff.metrics import fold_summary
 
 # Table 1 as it appears in the paper's text (../shared/paper/, lines 82-87, verbatim): one line per row group, the
 # methods of a group in one field, then 16 fields (4 test sets x 4 metrics) each holding one number per method.
