@@ -91,7 +91,7 @@ def float16_check(a, run, test, out, lines):
     model, _ = load_model(run, 'best')
     y = to_model_space(torch.from_numpy(test.images), test.modality)
     rest = restore_dataset(model, y, slice_seeds(a.seed, test.ids), 'ddpm', 50, batch_size=a.batch_size, progress=False)
-    maps32 = anomaly_map(rest, y, test.modality).numpy()
+    maps32 = anomaly_map(restoration=rest, image=y, modality=test.modality).numpy()
     stored = read_eval(out / 'eval' / 'ddpm50')['maps']
     p32, p16 = pixel_metrics(test.masks, maps32), pixel_metrics(test.masks, stored)
     emit(lines, {'measure': 'float16_storage', 'AP_p_f32': round(p32['AP_p'], 6), 'AP_p_f16': round(p16['AP_p'], 6),

@@ -10,7 +10,7 @@ import argparse, json, sys
 from tqdm.auto import tqdm
 from .checks import option_specs, add_options, call_options, command_errors, in_ipython
 from .experiment import TESTSETS, PHANTOM_TESTSETS
-from .pipeline import (RUN_DEFAULTS, ReproduceConfig, train_testset, evaluate, ensemble_folds, make_table1, make_figure3,
+from .pipeline import (DEFAULT_PRESET, RUN_DEFAULTS, ReproduceConfig, train_testset, evaluate, ensemble_folds, make_table1, make_figure3,
                               reproduce, pretrain)
 from .detect import detect
 
@@ -18,7 +18,7 @@ from .detect import detect
 __all__ = ['COMMANDS', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #61efad49
-_PRESET = dict(choices=sorted(RUN_DEFAULTS), default='cpu')  # the CLI's preset: the CPU default
+_PRESET = dict(choices=sorted(RUN_DEFAULTS), default=DEFAULT_PRESET)  # the CLI's preset: the API's default
 _SAMPLER = dict(choices=['ddpm', 'ddim'])
 _FOLDS = dict(type=str, default='0-9')
 _BATCHING = dict(choices=['auto', 'on', 'off'], default='auto', help='restore with all folds in one batched pass: auto = on for CUDA, off for the CPU')

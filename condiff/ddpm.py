@@ -291,7 +291,7 @@ class StridedSampler:
 
 class DDPMSampler(StridedSampler):
     "The paper's sampler: ancestral DDPM on strided 'leading' timesteps, fixed_small variance, x̂0 clipped (diffusers' `DDPMScheduler()`)."
-    def __init__(self,
+    def __init__(self, *, # options by keyword only (the two samplers take different ones)
                  schedule:NoiseSchedule|None=None, # the training schedule (default: linear, T=1000)
                  clip_sample:bool=True, # clamp x̂0 at every step (paper: True)
                  clip_sample_range:float=1.0, # clamp to ±this (paper: 1, also for MRI data in [0, 1])
@@ -337,7 +337,7 @@ class DDPMSampler(StridedSampler):
 # %% ../nbs/00_ddpm.ipynb #5dbd4d38
 class DDIMSampler(StridedSampler):
     "DDIM on strided 'leading' timesteps, as diffusers' `DDIMScheduler()` (ε-prediction)."
-    def __init__(self,
+    def __init__(self, *, # options by keyword only: `DDIMSampler(0.5)` would read as a schedule in `DDPMSampler`'s order
                  eta:float=0.0, # noise weight: 0 = deterministic DDIM, 1 = DDPM posterior variance
                  clip_sample:bool=True, # clamp x̂0 to ±clip_sample_range
                  set_alpha_to_one:bool=True, # ᾱ_prev = 1 on the last step (else ᾱ_0)

@@ -107,7 +107,7 @@ def ensemble_restore(models, # from `load_ensemble`
                          batched=batched, progress=progress)
     maps, rests = [], []
     for r in allr:
-        maps.append(anomaly_map(r, y, modality).numpy()); rests.append(r.numpy().astype(np.float16))
+        maps.append(anomaly_map(restoration=r, image=y, modality=modality).numpy()); rests.append(r.numpy().astype(np.float16))
     fm = np.stack(maps)
     mean = fm.mean(0)
     if modality == 'MRI': mean = mean * (np.asarray(images) > 0).any(1, keepdims=True)

@@ -522,7 +522,7 @@ def _restore_part(model, testset, seeds, a, b, path, key, sampler, num_steps, et
 
 def _write_part(testset, a, b, y, rest, secs, path, key, device, save_restorations):
     "Maps and scores of the restorations `rest` of slices a:b (model space `y`), written atomically to `path`."
-    maps = anomaly_map(rest.to(device), y.to(device), testset.modality).float().cpu()
+    maps = anomaly_map(restoration=rest.to(device), image=y.to(device), modality=testset.modality).float().cpu()
     scores = anomaly_score(maps).float().cpu()
     n, (C, H, W) = b - a, testset.images.shape[1:]
     spec = {'maps': (np.float16, (n, 1, H, W)), 'scores': (np.float32, (n,))}
@@ -576,7 +576,7 @@ def _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progre
                 restore_s += float(pf.meta['restore_s'])
             if ts.masks is not None: w.write('masks', pack_bits(ts.masks[a:b]))
             if ts.modality == 'MRI': w.write('foreground', pack_bits(ts.images[a:b] > 0))
-            if sm is not None: sm.update(maps, ts.masks[a:b], scores=scores, labels=ts.labels[a:b])
+            if sm is not None: sm.update(ts.masks[a:b], maps, scores=scores, labels=ts.labels[a:b])
     out = _metrics_or_note(sm, ts.labels if ts.masks is not None else None)
     if rq is not None: out['restoration'] = _restoration_result(rq, ts)
     return out, restore_s
@@ -844,7 +844,7 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
             w.write('fold_deviation', dev); w.write('closest_fold', dev.argmin(axis=1))
             for k in ('masks', 'foreground'):
                 if k in spec: w.write(k, ref.rows(k, a, b))
-            if sm is not None: sm.update(maps16, unpack_bits(ref.rows('masks', a, b), (H, W)), scores=scores, labels=labels)
+            if sm is not None: sm.update(unpack_bits(ref.rows('masks', a, b), (H, W)), maps16, scores=scores, labels=labels)
             if rq is not None:  # the ensemble's restoration: the mean of the folds' restorations
                 _restoration_update(rq, testset, a, b, sum(f.rows('restorations', a, b).astype(np.float32) for f in files) / F)
     metrics = _metrics_or_note(sm, ref['labels'] if has_masks else None)

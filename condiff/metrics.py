@@ -191,13 +191,15 @@ class StreamingMetrics:
     @property
     def n_images(self) -> int: return sum(len(s) for s in self._scores)
 
-    def update(self, maps, # N×1×H×W (any N×...) non-negative anomaly maps, numpy or torch
-               masks, # ground-truth masks of the same shape (bool or 0/1)
-               scores=None, # N image scores; default: the mean of each map (float64)
+    def update(self, masks, # ground-truth masks (bool or 0/1), N×1×H×W (any N×...): the targets first, as sklearn
+               maps, # non-negative anomaly maps of the same shape, numpy or torch: the predictions
                labels=None, # N image labels; default: 1 iff the image's mask has a positive pixel
+               scores=None, # N image scores; default: the mean of each map (float64)
               ):
         "Add one batch. All checks happen before any state changes."
-        v, m = _values(maps, 'maps'), _binary(masks, 'masks')
+        try: m = _binary(masks, 'masks')
+        except ValueError as e: raise ValueError(f"{e} (the targets come first, as in sklearn: update(masks, maps))") from None
+        v = _values(maps, 'maps')
         if v.shape != m.shape: raise ValueError(f"maps {v.shape} and masks {m.shape} differ in shape")
         if v.ndim < 2 or v.size == 0: raise ValueError(f"maps must be a non-empty N×... batch, got shape {v.shape}")
         N = v.shape[0]

@@ -26,12 +26,13 @@ from .inference import (TensorFile, sliceset_fingerprint, evaluate_fold, evaluat
 from .report import OursResult, build_table1, write_table1, random_baseline, intensity_control, closest_fold, select_examples, Figure3Panel, plot_figure3, save_figure3
 
 # %% auto #0
-__all__ = ['RUN_DEFAULTS', 'PAIRED', 'ReproduceConfig', 'check_train_overrides', 'fold_family', 'check_same_family',
-           'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold', 'train_testset', 'pretrain',
-           'load_testset', 'subsample', 'evaluate', 'ensemble_folds', 'collect_results', 'make_table1',
-           'figure3_panels', 'make_figure3', 'write_manifest', 'reproduce']
+__all__ = ['DEFAULT_PRESET', 'RUN_DEFAULTS', 'PAIRED', 'ReproduceConfig', 'check_train_overrides', 'fold_family',
+           'check_same_family', 'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold',
+           'train_testset', 'pretrain', 'load_testset', 'subsample', 'evaluate', 'ensemble_folds', 'collect_results',
+           'make_table1', 'figure3_panels', 'make_figure3', 'write_manifest', 'reproduce']
 
 # %% ../nbs/11_pipeline.ipynb #ac9e16d3
+DEFAULT_PRESET = 'cpu'  # the one default preset of the Python API, the CLI and ReproduceConfig: the CPU default (`make demo`)
 RUN_DEFAULTS = {
     # per training preset: steps of training per fold, sampler and steps at evaluation, TrainConfig overrides
     'paper': dict(max_steps=None, sampler='ddpm', num_steps=50, eval_batch_size=40, train={}),
@@ -52,7 +53,7 @@ class ReproduceConfig:
     "What `reproduce` runs; the defaults are the embedded default (phantoms, tiny preset, 10 folds, CPU)."
     testsets: tuple = PHANTOM_TESTSETS  # test sets (`condiff.experiment.TESTSETS` names, the columns of Table 1)
     from_scratch: bool = False  # train every fold from a random initialisation, not from the shipped base model (`cpu` preset)
-    preset: str = 'cpu'  # training preset ('cpu': the CPU default, 'tiny', or 'paper')
+    preset: str = DEFAULT_PRESET  # training preset ('cpu': the CPU default, 'tiny', or 'paper')
     folds: tuple = tuple(range(10))  # folds to train and ensemble
     device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:1', or 'auto'
     runs: str = 'runs'  # root of the run folders
@@ -174,7 +175,7 @@ def check_same_family(run_dirs, # fold run folders
 # %% ../nbs/11_pipeline.ipynb #57ecc2d4
 def train_config(testset:str, # names the model family (its training set)
                  fold:int, # 0..9
-                 preset:str='tiny', # training preset
+                 preset:str=DEFAULT_PRESET, # training preset
                  device:str='cpu', # torch device
                  seed:int=42, # training seed
                  max_steps:int|None=None, # None: RUN_DEFAULTS / the preset
@@ -186,7 +187,7 @@ def train_config(testset:str, # names the model family (its training set)
 
 def fold_config(dataset:str, # training dataset (`condiff.data.get_dataset` name), e.g. 'phantom-brain'
                 sequence:str|None, # 't1' / 't2' for brain MRI, None for fundus
-                fold:int, preset:str='tiny', device:str='cpu', seed:int=42, max_steps:int|None=None, data_root=None,
+                fold:int, preset:str=DEFAULT_PRESET, device:str='cpu', seed:int=42, max_steps:int|None=None, data_root=None,
                 **overrides):
     "`train_config` for a training dataset named directly: the preset, `RUN_DEFAULTS[preset]`, then `overrides`."
     d = RUN_DEFAULTS.get(preset, {})
@@ -225,7 +226,7 @@ def train_fold(config, # a TrainConfig (from `train_config`)
 # %% ../nbs/11_pipeline.ipynb #54d4d2a9
 def train_testset(testset:str, # the test set naming the model family, e.g. phantom-atlas -> T1 phantom brains
                   fold:int, # fold 0..9 (train on 3 of the 5 tasks)
-                  preset:str='tiny', # training preset
+                  preset:str=DEFAULT_PRESET, # training preset
                   runs='runs', # root of the run folders
                   device:str='cpu', # torch device: cpu, cuda, cuda:1, auto
                   seed:int=42, # training seed (42, as the official code)
@@ -290,7 +291,7 @@ def _which(run_dir) -> str:
 
 def evaluate(testset:str, # the test set: a TESTSETS name
              fold, # fold 0..9, or several folds ('0-9', [0, 3]): evaluated together, batched over the folds
-             preset:str='tiny', # training preset of the models
+             preset:str=DEFAULT_PRESET, # training preset of the models
              runs='runs', # root of the run folders
              device:str='cpu', # torch device: cpu, cuda, cuda:1, auto
              sampler:str|None=None, # 'ddpm' (paper) or 'ddim' (None: the preset's, RUN_DEFAULTS)
@@ -333,7 +334,7 @@ def evaluate(testset:str, # the test set: a TESTSETS name
 
 def ensemble_folds(testset:str, # the test set: a TESTSETS name
                    folds=tuple(range(10)), # the folds to average, e.g. '0-9' or '0,3,5'
-                   preset:str='tiny', # training preset of the models
+                   preset:str=DEFAULT_PRESET, # training preset of the models
                    runs='runs', # root of the run folders
                    progress:bool=True, # progress bars
                    data:SliceSet|None=None, # the test set, if already loaded (phantoms: measures the restorations too)
@@ -378,7 +379,7 @@ def _check_ensemble_folds(ens:dict, folds, testset:str, where):
                          f"first, or ask for --folds {','.join(map(str, have))}")
 
 def collect_results(testsets, # TESTSETS names
-                    preset:str='tiny', folds=tuple(range(10)), runs='runs',
+                    preset:str=DEFAULT_PRESET, folds=tuple(range(10)), runs='runs',
                     controls:bool|None=None, # compute the Intensity control (None: for phantom test sets only)
                     **load_kw) -> list: # `load_testset` options (data_root, data_seed, test_images) for the control
     "An `OursResult` per test set from the stored ensemble and fold metrics (and the Intensity control)."
@@ -408,7 +409,7 @@ def collect_results(testsets, # TESTSETS names
     return out
 
 def make_table1(testsets:tuple=PHANTOM_TESTSETS, # the test sets (columns of Table 1) to report
-                preset:str='tiny', # training preset of the models
+                preset:str=DEFAULT_PRESET, # training preset of the models
                 folds=tuple(range(10)), # the folds of the ensemble, e.g. '0-9' or '0,3,5'
                 runs='runs', # root of the run folders
                 out='paper_figures', # output folder
@@ -424,7 +425,7 @@ def make_table1(testsets:tuple=PHANTOM_TESTSETS, # the test sets (columns of Tab
 
 PAIRED = {'phantom-brats-t1': 'phantom-brats-t2', 'brats-t1': 'brats-t2'}  # same subjects, other sequence
 
-def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str='tiny', folds=tuple(range(10)), runs='runs',
+def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str=DEFAULT_PRESET, folds=tuple(range(10)), runs='runs',
                    n_examples:int=2, **load_kw) -> list:
     "One `Figure3Panel` per test set, in Table 1 order."
     folds, order = parse_folds(folds), sorted(testsets, key=lambda t: TABLE1_COLUMNS.index(TESTSETS[get_testset(t).name].column))
@@ -465,7 +466,7 @@ def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str='tiny', folds=tuple(ran
     return panels
 
 def make_figure3(testsets:tuple=PHANTOM_TESTSETS, # the test sets (rows of Figure 3)
-                 preset:str='tiny', # training preset of the models
+                 preset:str=DEFAULT_PRESET, # training preset of the models
                  folds=tuple(range(10)), # the folds of the ensemble, e.g. '0-9' or '0,3,5'
                  runs='runs', # root of the run folders
                  out='paper_figures', # output folder

@@ -116,7 +116,7 @@ class OursResult:
     testset: str  # a `TESTSETS` name, e.g. 'phantom-brats-t2'
     ensemble: dict  # metrics of the fold ensemble {'AP_i', 'AUROC', 'AP_p', 'max_Dice'}
     folds: dict  # {fold: metrics} of the single-fold models
-    preset: str = 'tiny'  # training preset of the models
+    preset: str = 'cpu'  # training preset of the models (the CPU default, as everywhere)
     random: dict|None = None  # `random_metrics` of the test set (None: no Random row for it)
     control: dict|None = None  # `intensity_control` of the test set (None: no Intensity row for it)
     n_images: int|None = None  # test images evaluated

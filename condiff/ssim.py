@@ -148,7 +148,8 @@ def ssim_map(x, # B×C×H×W image
     return ssim_channels(x, y, mode, data_range).mean(1, keepdim=True)
 
 # %% ../nbs/03_ssim.ipynb #f5a4f86f
-def anomaly_map(restoration, # B×C×H×W restoration ŷ in model space
+def anomaly_map(*, # by keyword only: the MRI mask comes from `image`, so the two must not be swapped silently
+                restoration, # B×C×H×W restoration ŷ in model space
                 image, # B×C×H×W test image y in model space ([0,1] MRI, [-1,1] RF)
                 modality:str, # 'MRI' (background zeroed where image ≤ 0) or 'RF' (no masking)
                ) -> torch.Tensor: # B×1×H×W anomaly map in [0, 1]

@@ -496,7 +496,7 @@ def original_bounds(img,  # C×H×W original image
 def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
                img,  # C×H×W float32 image in [0, 1]
                rng:np.random.Generator,  # the sample's generator (all randomness comes from it)
-               mask=None,  # H×W bool foreground (MRI: `foreground_mask(img)`), None for no background
+               mask='foreground',  # 'foreground' (MRI: `foreground_mask(img)`), None (RF: no background) or an H×W bool array
                same_source=None,  # task 0: the sequence of images the sample comes from
                other_source=None,  # task 1: an external sequence (default: `texture_source`)
                return_info:bool=False,  # also return the anomalies' shapes, positions and parameters
@@ -508,6 +508,9 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
     if not isinstance(rng, np.random.Generator): raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
     img = check_image(img)
     C, H, W = img.shape
+    if isinstance(mask, str):
+        if mask != 'foreground': raise ValueError(f"mask must be 'foreground', None (no background) or an H×W bool array, got {mask!r}")
+        mask = foreground_mask(img)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (H, W) or mask.dtype != bool:

@@ -45,9 +45,9 @@ def runs(tmp_path_factory):
     small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
     for f in (0, 1):
         train_fold(fold_config('phantom-brain', 't1', f, train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
-                               **small), root / 'runs', progress=False)
+                               **small, preset='tiny'), root / 'runs', progress=False)
     train_fold(fold_config('phantom-fundus', None, 0, train_data=str(root / 'rf.npz'), val_data=str(root / 'rf.npz'),
-                           **small), root / 'runs', progress=False)
+                           **small, preset='tiny'), root / 'runs', progress=False)
     return root
 
 
@@ -210,7 +210,7 @@ def weights(run_dir):
 def test_train_fold_refuses_a_folder_trained_with_another_config(runs, tmp_path):
     shutil.copytree(runs / 'runs', tmp_path / 'runs', symlinks=True)
     small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
-    c = fold_config('phantom-brain', 't1', 0, train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'), **small)
+    c = fold_config('phantom-brain', 't1', 0, train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'), **small, preset='tiny')
     rd, finished = train_fold(c, tmp_path / 'runs', progress=False)
     assert finished
     with pytest.raises(ValueError, match="different config.*'lr'"): train_fold(c.replace(lr=1e-3), tmp_path / 'runs', progress=False)

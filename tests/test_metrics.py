@@ -117,7 +117,7 @@ def test_streaming_equals_sklearn_exactly_for_float16(seed):
         sm = StreamingMetrics()
         i = 0
         for k in splits:  # several update() calls, torch and numpy mixed
-            batch = (torch.tensor(v[i:i + k]), torch.tensor(m[i:i + k])) if i % 2 else (v[i:i + k], m[i:i + k])
+            batch = (torch.tensor(m[i:i + k]), torch.tensor(v[i:i + k])) if i % 2 else (m[i:i + k], v[i:i + k])
             sm.update(*batch)
             i += k
         r = sm.compute()
@@ -135,8 +135,8 @@ def test_streaming_float16_values_given_as_float32_are_exact_and_explicit_scores
     rng = np.random.default_rng(0)
     scores, labels = rng.random(12), rng.random(12) < 0.5
     sm = StreamingMetrics()
-    sm.update(v[:5].astype(np.float32), m[:5], scores=scores[:5], labels=labels[:5])
-    sm.update(torch.tensor(v[5:]).float(), torch.tensor(m[5:]), scores=torch.tensor(scores[5:]), labels=labels[5:])
+    sm.update(m[:5], v[:5].astype(np.float32), scores=scores[:5], labels=labels[:5])
+    sm.update(torch.tensor(m[5:]), torch.tensor(v[5:]).float(), scores=torch.tensor(scores[5:]), labels=labels[5:])
     assert sm.exact
     r = sm.compute()
     ap, dice = _official_pixel(m, v.astype(np.float64))
@@ -148,8 +148,8 @@ def test_streaming_float16_values_given_as_float32_are_exact_and_explicit_scores
 def test_streaming_merge_equals_single_accumulator():
     v, m = _tie_heavy(40, (16, 1, 16, 16))
     c = (np.random.default_rng(1).random(v.shape) * (v > 0)).astype(np.float32)  # a float32 part too
-    one = StreamingMetrics().update(v, m).update(c, m)
-    a, b = StreamingMetrics().update(v[:9], m[:9]).update(c, m), StreamingMetrics().update(v[9:], m[9:])
+    one = StreamingMetrics().update(m, v).update(m, c)
+    a, b = StreamingMetrics().update(m[:9], v[:9]).update(m, c), StreamingMetrics().update(m[9:], v[9:])
     assert a.merge(b).compute() == one.compute()
     assert a.bounds() == one.bounds()
 
@@ -165,7 +165,7 @@ def test_streaming_float32_within_bound_of_sklearn(seed):
     ap, dice = _official_pixel(m, v)
     sm = StreamingMetrics()
     for i in range(0, 40, 13):
-        sm.update(v[i:i + 13], m[i:i + 13])
+        sm.update(m[i:i + 13], v[i:i + 13])
     r, b = sm.compute(), sm.bounds()
     assert not sm.exact
     assert abs(r["AP_p"] - ap) <= 1e-4 and abs(r["max_Dice"] - dice) <= 1e-4
@@ -174,7 +174,7 @@ def test_streaming_float32_within_bound_of_sklearn(seed):
     assert b["AP_p"][1] - b["AP_p"][0] < 1e-3
     # float64 maps: rounded to float32 first, still within the bound
     v64 = rng.random(shape) * (v > 0)
-    sm64 = StreamingMetrics().update(v64, m)
+    sm64 = StreamingMetrics().update(m, v64)
     ap64, dice64 = _official_pixel(m, v64)
     b64 = sm64.bounds()
     assert b64["AP_p"][0] - 1e-12 <= ap64 <= b64["AP_p"][1] + 1e-12
@@ -191,7 +191,7 @@ def test_streaming_bounds_hold_on_adversarial_data():
     m[-800:] = True  # the largest values are the anomalies: exact AP = 1 (up to ties)
     v, m = v.reshape(40, 1, 10, 10), m.reshape(40, 1, 10, 10)
     ap, dice = _official_pixel(m, v)
-    sm = StreamingMetrics().update(v, m)
+    sm = StreamingMetrics().update(m, v)
     r, b = sm.pixel_metrics(), sm.bounds()
     assert b["AP_p"][0] - 1e-12 <= ap <= b["AP_p"][1] + 1e-12
     assert b["max_Dice"][0] - 1e-12 <= dice <= b["max_Dice"][1] + 1e-12
@@ -206,7 +206,7 @@ def test_streaming_does_not_hold_pixels():
     rng = np.random.default_rng(0)
     for _ in range(5):
         v = rng.random((8, 1, 64, 64)).astype(np.float16)
-        sm.update(v, rng.random(v.shape) < 0.1)
+        sm.update(rng.random(v.shape) < 0.1, v)
     state = sm.tot16.nbytes + sm.pos16.nbytes
     assert state == 2 * 65536 * 8 and sm.tot32 is None
     assert sm.n_pixels == 5 * 8 * 64 * 64
@@ -225,16 +225,16 @@ def test_streaming_does_not_hold_pixels():
     (lambda: pixel_metrics(np.ones((2, 4)), np.full((2, 4), np.inf)), "NaN or Inf|infinite"),
     (lambda: pixel_metrics(np.ones((2, 4)), np.full((2, 4), np.nan, np.float32)), "NaN"),
     (lambda: pixel_metrics(np.ones((2, 4)), np.full((2, 4), np.nan, np.float16)), "NaN"),
-    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.ones((2, 1, 4, 5))), "differ in shape"),
+    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 5)), np.ones((2, 1, 4, 4))), "differ in shape"),
     (lambda: StreamingMetrics().update(np.ones((0, 1, 4, 4)), np.ones((0, 1, 4, 4))), "non-empty"),
-    (lambda: StreamingMetrics().update(np.full((2, 1, 4, 4), -0.25, np.float16), np.ones((2, 1, 4, 4))), "negative"),
-    (lambda: StreamingMetrics().update(np.full((2, 1, 4, 4), -0.3), np.ones((2, 1, 4, 4))), "negative"),
-    (lambda: StreamingMetrics().update(np.full((2, 1, 4, 4), np.nan), np.ones((2, 1, 4, 4))), "NaN"),
-    (lambda: StreamingMetrics().update(np.full((2, 1, 4, 4), np.inf, np.float16), np.ones((2, 1, 4, 4))), "infinite"),
+    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.full((2, 1, 4, 4), -0.25, np.float16)), "negative"),
+    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.full((2, 1, 4, 4), -0.3)), "negative"),
+    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.full((2, 1, 4, 4), np.nan)), "NaN"),
+    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.full((2, 1, 4, 4), np.inf, np.float16)), "infinite"),
     (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.ones((2, 1, 4, 4)), labels=[1]), "1 labels for 2"),
-    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.full((2, 1, 4, 4), 0.5)), "binary"),
+    (lambda: StreamingMetrics().update(np.full((2, 1, 4, 4), 0.5), np.ones((2, 1, 4, 4))), "binary"),
     (lambda: StreamingMetrics().compute(), "update\\(\\) first"),
-    (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.zeros((2, 1, 4, 4))).pixel_metrics(), "no positive pixel"),
+    (lambda: StreamingMetrics().update(np.zeros((2, 1, 4, 4)), np.ones((2, 1, 4, 4))).pixel_metrics(), "no positive pixel"),
     (lambda: StreamingMetrics().update(np.ones((2, 1, 4, 4)), np.ones((2, 1, 4, 4))).compute(), "only one class"),
     (lambda: StreamingMetrics().image_metrics(), "update\\(\\) first"),
 ])
@@ -245,14 +245,14 @@ def test_bad_input(call, msg):
 
 def test_failed_update_leaves_state_unchanged():
     v, m = _tie_heavy(60, (6, 1, 8, 8))
-    sm = StreamingMetrics().update(v, m)
+    sm = StreamingMetrics().update(m, v)
     before = (sm.tot16.copy(), sm.pos16.copy(), sm.n_images)
     bad = v.astype(np.float32)
     bad[-1, 0, 0, 0] = np.nan
     with pytest.raises(ValueError):
-        sm.update(bad, m)
+        sm.update(m, bad)
     with pytest.raises(ValueError):
-        sm.update(v, m, scores=np.zeros(5))
+        sm.update(m, v, scores=np.zeros(5))
     assert np.array_equal(before[0], sm.tot16) and np.array_equal(before[1], sm.pos16) and before[2] == sm.n_images
     assert sm.tot32 is None
 

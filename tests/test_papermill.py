@@ -44,10 +44,10 @@ def smoke(tmp_path_factory):
     data = sorted((runs / '_data').glob('*.npz'))
     cfg = fold_config('phantom-brain', 't2', 1, max_steps=3, batch_size=2, val_batch_size=2,
                       train_data=str([p for p in data if p.name.endswith('-train.npz')][0]),
-                      val_data=str([p for p in data if p.name.endswith('-val.npz')][0]))
+                      val_data=str([p for p in data if p.name.endswith('-val.npz')][0]), preset='tiny')
     train_fold(cfg, runs, progress=False)
     ev0 = run_nb('evaluate', d, testset='phantom-brats-t2', fold=0, preset='tiny', test_images=6, num_steps=2, runs=str(runs), num_examples=2)
-    evaluate('phantom-brats-t2', 1, runs=runs, num_steps=2, test_images=6, progress=False)
+    evaluate('phantom-brats-t2', 1, runs=runs, num_steps=2, test_images=6, progress=False, preset='tiny')
     ens = run_nb('evaluate', d, testset='phantom-brats-t2', fold='ensemble', preset='tiny', folds='0,1', runs=str(runs), test_images=6, num_examples=2)
     return dict(dir=d, runs=runs, train=nb, ev0=ev0, ens=ens)
 

@@ -102,11 +102,11 @@ def test_anomaly_map_equals_official_pipeline():
     xt, yt = torch.tensor(x), torch.tensor(y)
     official = _official_ssim_map_torch(xt, yt)
     official = official * (yt > yt.amin(dim=(0, 1, 2), keepdim=True))  # spec §5.2 quirk
-    ours = anomaly_map(xt, yt, "MRI")
+    ours = anomaly_map(restoration=xt, image=yt, modality="MRI")
     np.testing.assert_allclose(ours.numpy(), official.numpy(), rtol=0, atol=1e-12)
     # RF: 3 channels in [-1, 1], no masking, per-channel clamp then channel mean
     x3, y3 = _pairs(4, (2, 3, 32, 32), -1.0, 1.0)
-    np.testing.assert_allclose(anomaly_map(torch.tensor(x3), torch.tensor(y3), "RF").numpy(),
+    np.testing.assert_allclose(anomaly_map(restoration=torch.tensor(x3), image=torch.tensor(y3), modality="RF").numpy(),
                                _official_ssim_map_torch(torch.tensor(x3), torch.tensor(y3)).numpy(), atol=1e-12)
     s = anomaly_score(ours)
     np.testing.assert_allclose(s.numpy(), official.mean(dim=(1, 2, 3)).numpy(), atol=1e-15)
@@ -126,16 +126,16 @@ def test_blur_matches_scipy_any_size():
 def test_batch_independence_and_dtypes():
     x, y = _pairs(6, (5, 3, 24, 24))
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
-    full = anomaly_map(xt, yt, "RF")
+    full = anomaly_map(restoration=xt, image=yt, modality="RF")
     for i in range(5):  # an image's map does not depend on its batch (up to float32 summation order in BLAS)
-        torch.testing.assert_close(anomaly_map(xt[i:i + 1], yt[i:i + 1], "RF"), full[i:i + 1], atol=1e-7, rtol=0)
+        torch.testing.assert_close(anomaly_map(restoration=xt[i:i + 1], image=yt[i:i + 1], modality="RF"), full[i:i + 1], atol=1e-7, rtol=0)
     assert full.dtype == torch.float32 and full.shape == (5, 1, 24, 24)
-    assert anomaly_map(xt.half(), yt.half(), "RF").dtype == torch.float32
-    d64 = anomaly_map(xt.double(), yt.double(), "RF")
+    assert anomaly_map(restoration=xt.half(), image=yt.half(), modality="RF").dtype == torch.float32
+    d64 = anomaly_map(restoration=xt.double(), image=yt.double(), modality="RF")
     assert (d64.float() - full).abs().max() < 1e-6
     assert float(full.min()) >= 0 and float(full.max()) <= 1
     # numpy input works too
-    np.testing.assert_allclose(anomaly_map(x, y, "RF").numpy(), anomaly_map(torch.tensor(x), torch.tensor(y), "RF").numpy(), atol=1e-15)
+    np.testing.assert_allclose(anomaly_map(restoration=x, image=y, modality="RF").numpy(), anomaly_map(restoration=torch.tensor(x), image=torch.tensor(y), modality="RF").numpy(), atol=1e-15)
 
 
 def test_differentiable_path_equals_fast_path_and_gradcheck():
@@ -172,7 +172,7 @@ def test_cuda_matches_cpu():
                 gpu = ssim_map(xt.cuda(), yt.cuda(), mode, dr)
             assert gpu.device.type == "cuda"
             torch.testing.assert_close(gpu.cpu(), cpu, atol=atol, rtol=0)
-        torch.testing.assert_close(anomaly_map(xt.cuda(), yt.cuda(), "MRI").cpu(), anomaly_map(xt, yt, "MRI"), atol=atol, rtol=0)
+        torch.testing.assert_close(anomaly_map(restoration=xt.cuda(), image=yt.cuda(), modality="MRI").cpu(), anomaly_map(restoration=xt, image=yt, modality="MRI"), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("call,msg", [
@@ -185,8 +185,8 @@ def test_cuda_matches_cpu():
     (lambda x, y: ssim_map(x, y, "standard", -1.0), "positive finite"),
     (lambda x, y: ssim_map(x, y, "paper", 1.0), "only for mode='standard'"),
     (lambda x, y: ssim_map((x * 255).to(torch.uint8), (y * 255).to(torch.uint8)), "floating-point"),
-    (lambda x, y: anomaly_map(x, y, "CT"), "unknown modality"),
-    (lambda x, y: anomaly_map(x, y[:1], "MRI"), "differ in shape"),
+    (lambda x, y: anomaly_map(restoration=x, image=y, modality="CT"), "unknown modality"),
+    (lambda x, y: anomaly_map(restoration=x, image=y[:1], modality="MRI"), "differ in shape"),
     (lambda x, y: anomaly_score(x[0]), "4-D"),
     (lambda x, y: anomaly_score(x[:0]), "empty"),
     (lambda x, y: anomaly_score(x * float("inf")), "NaN or Inf"),
