@@ -29,8 +29,10 @@ class BadInput(ValueError):
         "The message with the option spelled `name` (e.g. '--batch-size')."
         return f"{name or self.option}: {self.why + ': ' if self.why else ''}got {self.value!r}; allowed: {self.allowed}"
 
+# %% ../nbs/00a_checks.ipynb #44ecabb0
 def cli_flag(option:str) -> str: return '--' + option.replace('_', '-')
 
+# %% ../nbs/00a_checks.ipynb #8c6154ab
 def _isint(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 def check_int(name:str, # the option's name (API spelling)
@@ -45,6 +47,7 @@ def check_int(name:str, # the option's name (API spelling)
     if not _isint(v) or (lo is not None and v < lo) or (hi is not None and v > hi): raise BadInput(name, v, allowed)
     return int(v)
 
+# %% ../nbs/00a_checks.ipynb #4dabe770
 def check_float(name:str, v, lo:float|None=None, hi:float|None=None, none:bool=False) -> float|None:
     "A finite number within [lo, hi] (no NaN, no Inf, not a bool), or None if `none`."
     if v is None and none: return None
@@ -54,12 +57,14 @@ def check_float(name:str, v, lo:float|None=None, hi:float|None=None, none:bool=F
     if not math.isfinite(f) or (lo is not None and f < lo) or (hi is not None and f > hi): raise BadInput(name, v, allowed)
     return f
 
+# %% ../nbs/00a_checks.ipynb #b9bf1621
 def check_choice(name:str, v, choices, none:bool=False):
     "One of `choices` (or None if `none`)."
     if v is None and none: return None
     if v not in tuple(choices): raise BadInput(name, v, ' | '.join(map(str, choices)) + (" or None (the default)" if none else ''))
     return v
 
+# %% ../nbs/00a_checks.ipynb #8261a971
 def check_device(name:str, v,
                  available:bool=True, # also require the CUDA device to exist on this machine (False: the spelling only)
                 ) -> str:
@@ -75,6 +80,7 @@ def check_device(name:str, v,
     if idx and int(idx) >= n: raise BadInput(name, v, f"cuda:0..cuda:{n - 1}", f"this machine has {n} GPU(s)")
     return v
 
+# %% ../nbs/00a_checks.ipynb #c6122b2d
 def check_out_dir(name:str, p, create:bool=False) -> Path:
     "A folder to write into: not an existing file, inside a writable existing ancestor."
     if p is None or (isinstance(p, str) and not p.strip()): raise BadInput(name, p, 'a folder path')
@@ -87,6 +93,7 @@ def check_out_dir(name:str, p, create:bool=False) -> Path:
     if create: p.mkdir(parents=True, exist_ok=True)
     return p
 
+# %% ../nbs/00a_checks.ipynb #83c29621
 def check_in_dir(name:str, p) -> Path:
     "An existing folder to read from."
     if p is None: raise BadInput(name, p, 'an existing folder')
@@ -95,6 +102,7 @@ def check_in_dir(name:str, p) -> Path:
     if not p.is_dir(): raise BadInput(name, str(p), 'an existing folder', 'it is a file, not a folder')
     return p
 
+# %% ../nbs/00a_checks.ipynb #e647f455
 def check_in_file(name:str, p) -> Path:
     "An existing regular file to read."
     if p is None: raise BadInput(name, p, 'an existing file')
@@ -143,6 +151,7 @@ def file_sha256(path) -> str:
         for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/00a_checks.ipynb #9cd99e9c
 def quarantine(path, # a file (or folder) found corrupt
                why:str, # what was wrong with it
                then:str='recomputed', # what happens instead (for the warning)
@@ -156,11 +165,13 @@ def quarantine(path, # a file (or folder) found corrupt
     warnings.warn(f"{path}: {why}; moved aside to {dst.name} and {then}", RuntimeWarning, stacklevel=2)
     return dst
 
+# %% ../nbs/00a_checks.ipynb #277fd8ba
 def file_mode() -> int:
     "The one mode of every output file: 0o666 minus the process umask (0o644 by default), as `open` would create it."
     m = os.umask(0o022); os.umask(m)
     return 0o666 & ~m
 
+# %% ../nbs/00a_checks.ipynb #05074adf
 _OS_HINTS = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
              errno.EPERM: 'permission denied', errno.EISDIR: 'it is a folder, a file was expected',
              errno.ENOTDIR: 'a part of the path is a file, a folder was expected', errno.EDQUOT: 'the disk quota is exceeded'}
@@ -175,6 +186,7 @@ def os_error_message(e:OSError) -> str:
 class LockHeld(FileExistsError):
     "Another live process writes to this folder."
 
+# %% ../nbs/00a_checks.ipynb #eedb8d4b
 _HELD = {}  # resolved lock path -> [fd, count]: re-entrant within one process
 
 def _pid_alive(pid) -> bool:
@@ -183,6 +195,7 @@ def _pid_alive(pid) -> bool:
     except (PermissionError, ValueError, TypeError): return True
     return True
 
+# %% ../nbs/00a_checks.ipynb #4a82d3b0
 class FolderLock:
     "An advisory lock on a folder (`<folder>/.lock`, holding pid, host, start time): one writer at a time."
     def __init__(self, folder, # the folder to guard (created if missing)
@@ -243,6 +256,7 @@ class FolderLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *_): self.release()
 
+# %% ../nbs/00a_checks.ipynb #f79164b2
 def lock_holder(folder) -> dict:
     "The recorded holder of `folder`'s lock ({} if none); 'alive' says whether the lock is held now."
     p = Path(folder) / '.lock'
@@ -289,6 +303,7 @@ def parse_sets(items, # ['KEY=VALUE', ...] as given on the command line
         except json.JSONDecodeError: out[k.strip()] = v
     return out
 
+# %% ../nbs/00a_checks.ipynb #4079afd0
 def in_ipython() -> bool:
     "True inside IPython/Jupyter (a notebook being executed), False in a plain script."
     ip = sys.modules.get('IPython')
@@ -313,6 +328,7 @@ def option_specs(*sources, # functions or dataclasses whose parameters (fields) 
             out[k] = d
     return out
 
+# %% ../nbs/00a_checks.ipynb #ec8c903e
 def add_options(parser, # an argparse parser (or subparser)
                 specs:dict, # from `option_specs`
                 pos=(), # parameters given positionally
@@ -345,6 +361,7 @@ def add_options(parser, # an argparse parser (or subparser)
         parser.add_argument(name, **kw)
     return parser
 
+# %% ../nbs/00a_checks.ipynb #7ef65c3d
 def call_options(func, # the command's function
                  ns, # the parsed `argparse.Namespace`
                  specs:dict, # the same `option_specs`
@@ -373,6 +390,7 @@ def command_errors(parser, # the parser (its `exit` prints and exits)
         parser.exit(2, f"{prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n")
     except OSError as e: parser.exit(1, f"{prog}: error: {os_error_message(e)}\n")  # disk full, read-only, ...: one line
 
+# %% ../nbs/00a_checks.ipynb #0ca1a798
 def run_command(func, # the function the command runs, called with keyword arguments only
                 argv=None, # the arguments (None: sys.argv[1:])
                 prog:str|None=None, # the command's name

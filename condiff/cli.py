@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(p, _specs(c), c.get('pos', ()), c.get('flags'), over)
     return P
 
+# %% ../nbs/13_cli.ipynb #d2199f58
 def main(argv=None # the arguments (None: sys.argv[1:])
         ) -> int: # 0 (refused input: SystemExit 2; OS error: 1)
     "Entry point of the `condiff` console script: the subcommand's function, called with keyword arguments only."

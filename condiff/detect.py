@@ -36,6 +36,7 @@ class VolumeGeometry:
     scale: float  # the volume's maximum after zeroing (the slices were divided by it)
     size: int  # side of the model's slices
 
+# %% ../nbs/12_detect.ipynb #d56ef0f2
 def volume_to_slices(data:np.ndarray, # X×Y×Z volume in file order (e.g. from `condiff.data.read_nifti`)
                      size:int=128, # side of the model's slices
                      zero_below:float=1e-4, # values below this are set to 0 (official 1e-4; ATLAS 0.1)
@@ -53,6 +54,7 @@ def volume_to_slices(data:np.ndarray, # X×Y×Z volume in file order (e.g. from 
     geo = VolumeGeometry(tuple(int(s) for s in data.shape), (x0, x0 + L, y0, y0 + L), m, int(size))
     return sl[:, None], geo
 
+# %% ../nbs/12_detect.ipynb #6f2ef1b7
 def slices_to_volume(slices:np.ndarray, # Z×1×size×size (or Z×size×size) values on the model's grid
                      geo:VolumeGeometry, # from `volume_to_slices`
                      fill:np.ndarray|float=0.0, # value outside the cropped square: a scalar or an X×Y×Z volume
@@ -92,6 +94,7 @@ def load_ensemble(run, # a family folder (holding fold*/) or one fold's run fold
     if len(mods) > 1: raise ValueError(f"{run}: the folds were trained on different modalities {sorted(map(str, mods))}")
     return out
 
+# %% ../nbs/12_detect.ipynb #c7574aac
 def ensemble_restore(models, # from `load_ensemble`
                      images, # N×C×H×W in [0, 1]
                      modality:str, # 'MRI' or 'RF'
@@ -132,12 +135,14 @@ def detect_outputs(path, out_dir=None) -> dict:
     ext = '.nii.gz' if suf in NIFTI_SUFFIXES else '.png'
     return {'map': d / f"{stem}_anomaly_map{ext}", 'restoration': d / f"{stem}_restoration{ext}"}
 
+# %% ../nbs/12_detect.ipynb #187b66ad
 def _check_run_modality(models, modality, path):
     have = {getattr(m, 'meta', {}).get('modality') for _, m, _ in models} - {None}
     if have and have != {modality}:
         raise ValueError(f"{path} is {'an MRI volume' if modality == 'MRI' else 'a fundus image'} but the run's models "
                          f"were trained on {sorted(have)[0]} data")
 
+# %% ../nbs/12_detect.ipynb #3ad8be7a
 def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or fundus image
            run, # trained ensemble: RUNS/<family>/<preset> (with fold*/) or one fold folder
            out_dir=None, # output folder (None: next to the input)
@@ -232,6 +237,7 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     return dict(outs, fold=models[best][0], n_folds=len(models), slices=int(len(keep)), modality=modality,
                 sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn)
 
+# %% ../nbs/12_detect.ipynb #cb63515e
 def _fundus_box(W:int, H:int, size:int=128) -> tuple:
     "(left, top, right, bottom) of the original photograph that `resize_center_crop` keeps."
     short, long = min(W, H), max(W, H)

@@ -68,6 +68,7 @@ class TestSet:
         "The model family's run-folder name, `<train dataset>[-<sequence>]` (`run_layout`)."
         return run_layout('', self.train).name
 
+# %% ../nbs/07_experiment.ipynb #12c10b0d
 TESTSETS = {t.name: t for t in [
     TestSet('phantom-brats-t2', 'BraTS-T2', 'phantom', ('phantom-brats', 't2'), ('phantom-brain', 't2')),
     TestSet('phantom-brats-t1', 'BraTS-T1', 'phantom', ('phantom-brats', 't1'), ('phantom-brain', 't1')),
@@ -94,18 +95,22 @@ def run_dir_for(config, # a `condiff.train.TrainConfig` (dataset, sequence, pres
     "The run folder of one training config."
     return run_layout(out_dir, (config.dataset, config.sequence), config.preset, config.fold)
 
+# %% ../nbs/07_experiment.ipynb #bd7b92a2
 def family_dir(runs, testset:str, preset:str) -> Path:
     "The folder holding the folds of `testset`'s model family."
     return run_layout(runs, get_testset(testset).train, preset)
 
+# %% ../nbs/07_experiment.ipynb #42dba50a
 def fold_dir(runs, testset:str, preset:str, fold:int) -> Path:
     "The training run folder of one fold of `testset`'s model family."
     return run_layout(runs, get_testset(testset).train, preset, fold)
 
+# %% ../nbs/07_experiment.ipynb #6212a376
 def eval_dir(runs, testset:str, preset:str, fold:int) -> Path:
     "Where fold `fold`'s evaluation on `testset` is stored."
     return run_layout(runs, get_testset(testset).train, preset, fold, get_testset(testset).name)
 
+# %% ../nbs/07_experiment.ipynb #99dfb1dc
 def ensemble_dir(runs, testset:str, preset:str) -> Path:
     "Where the fold ensemble's evaluation on `testset` is stored."
     return run_layout(runs, get_testset(testset).train, preset, None, get_testset(testset).name)

@@ -24,6 +24,7 @@ from .metrics import METRIC_KEYS, StreamingMetrics, RestorationMeter, fold_summa
 from .data import MODALITIES, SliceSet, to_model_space, from_model_space, atomic_write
 from .experiment import provenance
 from .train import load_model, weights_digest, resolve_device, MaybeCompiled, DIST_TIMEOUT
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'EVAL_FORMAT', 'evaluate_model', 'STD_DDOF', 'slice_seed', 'slice_seeds', 'TensorFileWriter', 'TensorFile',
@@ -39,16 +40,16 @@ def slice_seed(seed:int, # the run's base seed
     h = hashlib.blake2b(f"{int(seed)}\x1f{slice_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, 'little') & (2**63 - 1)
 
+# %% ../nbs/09_inference.ipynb #eaab13e8
 def slice_seeds(seed:int, # the run's base seed
                 ids, # slice ids, one per image
                ) -> list:
     "`slice_seed` for every id, in order."
     return [slice_seed(seed, i) for i in ids]
 
-# %% ../nbs/09_inference.ipynb #92be0ab7
+# %% ../nbs/09_inference.ipynb #f8b7ee0c
 _ST_DTYPES = {np.dtype(np.float16): 'F16', np.dtype(np.float32): 'F32', np.dtype(np.float64): 'F64',
               np.dtype(np.int64): 'I64', np.dtype(np.int32): 'I32', np.dtype(np.uint8): 'U8', np.dtype(np.bool_): 'BOOL'}
-
 class TensorFileWriter:
     "Write a safetensors file whose tensors are declared up front and filled in row blocks; atomic on success."
     def __init__(self, path, # the final file
@@ -82,47 +83,52 @@ class TensorFileWriter:
         self._f = os.fdopen(fd, 'wb')
         self._f.write(struct.pack('<Q', len(hb)) + hb)
         self._f.truncate(self._data_start + self._total)
-
-    def write(self, name:str, # a declared tensor
-              rows, # the next rows of `name` (array or tensor with the declared trailing shape)
-             ):
-        "Append `rows` to tensor `name`."
-        if name not in self.spec: raise KeyError(f"{self.path}: no tensor {name!r} declared (have {list(self.spec)})")
-        d, s = self.spec[name]
-        a = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-        if a.shape[1:] != s[1:]: raise ValueError(f"{self.path}: rows of {name!r} have shape {a.shape[1:]}, declared {s[1:]}")
-        if self._rows[name] + len(a) > s[0]: raise ValueError(f"{self.path}: too many rows for {name!r} ({s[0]} declared)")
-        a = np.ascontiguousarray(a.astype(d, copy=False))
-        self._hash[name].update(memoryview(a).cast('B'))
-        self._f.seek(self._data_start + self._off[name] + self._rows[name] * self._row_bytes[name])
-        self._f.write(a.tobytes())
-        self._rows[name] += len(a)
-
-    def close(self):
-        "Check every tensor is complete, flush, and rename into place."
-        missing = {k: f"{self._rows[k]}/{s[0]}" for k, (_, s) in self.spec.items() if self._rows[k] != s[0]}
-        if missing:
-            self.abort()
-            raise ValueError(f"{self.path}: incomplete tensors (rows written/declared): {missing}")
-        self._header['__metadata__']['condiff_sha256'] = json.dumps({k: self._hash[k].hexdigest() for k in sorted(self.spec)})
-        hb = json.dumps(self._header, separators=(',', ':')).encode()
-        hb += b' ' * (self._hlen - len(hb))
-        assert len(hb) == self._hlen, 'header length changed'
-        self._f.seek(8); self._f.write(hb)
-        self._f.flush(); os.fsync(self._f.fileno()); self._f.close()
-        os.chmod(self._tmp, file_mode())  # mkstemp makes 0600 files: the one documented output mode instead
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def abort(self):
-        "Discard the temporary file."
-        if not self._f.closed: self._f.close()
-        if os.path.exists(self._tmp): os.unlink(self._tmp)
-
     def __enter__(self): return self
     def __exit__(self, typ, *_):
         if typ is None: self.close()
         else: self.abort()
+
+# %% ../nbs/09_inference.ipynb #6d7904df
+@patch
+def write(self:TensorFileWriter, name:str, # a declared tensor
+          rows, # the next rows of `name` (array or tensor with the declared trailing shape)
+         ):
+    "Append `rows` to tensor `name`."
+    if name not in self.spec: raise KeyError(f"{self.path}: no tensor {name!r} declared (have {list(self.spec)})")
+    d, s = self.spec[name]
+    a = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if a.shape[1:] != s[1:]: raise ValueError(f"{self.path}: rows of {name!r} have shape {a.shape[1:]}, declared {s[1:]}")
+    if self._rows[name] + len(a) > s[0]: raise ValueError(f"{self.path}: too many rows for {name!r} ({s[0]} declared)")
+    a = np.ascontiguousarray(a.astype(d, copy=False))
+    self._hash[name].update(memoryview(a).cast('B'))
+    self._f.seek(self._data_start + self._off[name] + self._rows[name] * self._row_bytes[name])
+    self._f.write(a.tobytes())
+    self._rows[name] += len(a)
+
+# %% ../nbs/09_inference.ipynb #fbba66e5
+@patch
+def close(self:TensorFileWriter):
+    "Check every tensor is complete, flush, and rename into place."
+    missing = {k: f"{self._rows[k]}/{s[0]}" for k, (_, s) in self.spec.items() if self._rows[k] != s[0]}
+    if missing:
+        self.abort()
+        raise ValueError(f"{self.path}: incomplete tensors (rows written/declared): {missing}")
+    self._header['__metadata__']['condiff_sha256'] = json.dumps({k: self._hash[k].hexdigest() for k in sorted(self.spec)})
+    hb = json.dumps(self._header, separators=(',', ':')).encode()
+    hb += b' ' * (self._hlen - len(hb))
+    assert len(hb) == self._hlen, 'header length changed'
+    self._f.seek(8); self._f.write(hb)
+    self._f.flush(); os.fsync(self._f.fileno()); self._f.close()
+    os.chmod(self._tmp, file_mode())  # mkstemp makes 0600 files: the one documented output mode instead
+    os.replace(self._tmp, self.path)
+    return self.path
+
+# %% ../nbs/09_inference.ipynb #60a85cb1
+@patch
+def abort(self:TensorFileWriter):
+    "Discard the temporary file."
+    if not self._f.closed: self._f.close()
+    if os.path.exists(self._tmp): os.unlink(self._tmp)
 
 # %% ../nbs/09_inference.ipynb #3cf62aec
 class TensorFile:
@@ -197,6 +203,7 @@ def model_channels(model) -> int:
     if 'img_channels' in cfg: return int(cfg['img_channels'])
     raise ValueError(f"{type(model).__name__} has no config['img_channels']; is it a condiff ConditionalUNet?")
 
+# %% ../nbs/09_inference.ipynb #2bd96744
 def check_images(x, # N×C×H×W images in model space
                  channels:int|None=None, # the channel count the model needs
                  size:tuple|None=None, # the (H, W) the model was trained on, if known
@@ -310,6 +317,7 @@ class _VmapGroupNorm(torch.nn.GroupNorm):
         shape = (1, C) + (1,) * (x.ndim - 2)
         return y * self.weight.float().reshape(shape) + self.bias.float().reshape(shape)
 
+# %% ../nbs/09_inference.ipynb #70ebb5dc
 if not hasattr(torch.ops.condiff, 'fold_sdpa'):  # registered once per process
     @torch.library.custom_op('condiff::fold_sdpa', mutates_args=())
     def _fold_sdpa(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
@@ -334,6 +342,7 @@ class _VmapAttention(_Attention):
         out = self.proj_out(rearrange(out, 'b heads n d -> b n (heads d)'))
         return rearrange(out, 'b (h w) c -> b c h w', h=h, w=w) + x
 
+# %% ../nbs/09_inference.ipynb #3d856661
 def _vmappable(module:torch.nn.Module) -> torch.nn.Module:
     "A copy of `module` on the meta device (no weights) whose GroupNorm and attention layers `vmap` can batch (same names)."
     m = copy.deepcopy(module).to('meta')
@@ -342,6 +351,7 @@ def _vmappable(module:torch.nn.Module) -> torch.nn.Module:
         elif type(sub) is _Attention: sub.__class__ = _VmapAttention
     return m
 
+# %% ../nbs/09_inference.ipynb #1554b60d
 class FoldStack:
     "The fold models of one family as one batched network: `stack(x_t, t, cond)` with x_t F×B×C×H×W runs every fold at once."
     def __init__(self,
@@ -365,10 +375,12 @@ class FoldStack:
         if x_t.ndim != 5 or x_t.shape[0] != self.n: raise ValueError(f"x_t must be {self.n}×B×C×H×W, got {tuple(x_t.shape)}")
         return self._fn(self.params, self.buffers, x_t, t, cond)
 
+# %% ../nbs/09_inference.ipynb #0af9cfdd
 def batched_folds_default(device) -> bool:
     "Whether `restore_folds` batches the folds when not told: on CUDA yes; on the CPU no (small measured gain, bench/README.md)."
     return torch.device(device).type == 'cuda'
 
+# %% ../nbs/09_inference.ipynb #4393c0a0
 @torch.no_grad()
 def restore_folds(models, # F fold models of one architecture
                   images, # N×C×H×W test images in model space
@@ -432,11 +444,13 @@ def sliceset_fingerprint(ss:SliceSet) -> str:
     if ss.masks is not None: parts.append(memoryview(np.ascontiguousarray(ss.masks)).cast('B'))
     return _digest(*parts)
 
+# %% ../nbs/09_inference.ipynb #2641e90f
 def pack_bits(m) -> np.ndarray:
     "N×1×H×W bool → N×⌈HW/8⌉ uint8 (`np.packbits` per slice)."
     m = np.asarray(m, dtype=bool)
     return np.packbits(m.reshape(len(m), -1), axis=1)
 
+# %% ../nbs/09_inference.ipynb #02badcce
 def unpack_bits(p, shape) -> np.ndarray:
     "Inverse of `pack_bits` for slices of `shape` = (H, W)."
     H, W = shape

@@ -106,6 +106,7 @@ class BrainSubject:
         q = _lerp_axis(q, (xs - xs[0]) / step, 2)
         return _lerp_axis(q, (ys - ys[0]) / step, 3)
 
+# %% ../nbs/06_phantom.ipynb #4228f0da
 def _lerp_axis(a, f, axis):
     "Linearly interpolate `a` along `axis` at fractional indices `f`."
     i0 = np.minimum(np.floor(f).astype(int), a.shape[axis] - 2)
@@ -148,6 +149,7 @@ def bias_field(rng:np.random.Generator, shape:tuple, amp:float=0.12) -> np.ndarr
         + (c[1] + c[3] * X + c[5] * Z) * Y + c[7] * (Y ** 2 - 1 / 3)
     return np.exp(b.astype(np.float32))
 
+# %% ../nbs/06_phantom.ipynb #baabe882
 def render_mri(tissues:dict, # from `sample_tissues`
                sequence:str, # 't1' or 't2'
                rng:np.random.Generator, # this scan's stream (contrast jitter, bias, noise)
@@ -272,12 +274,14 @@ def tumour_params(rng:np.random.Generator) -> dict:
     return dict(center=c, r_wt=r_wt, r_core=r_core, r_nec=r_nec, enhancing=bool(rng.random() < 0.8),
                 mass=rng.uniform(0.0, 0.3), u=rng.uniform(0, 1, 6), seeds=rng.integers(2**31, size=3))
 
+# %% ../nbs/06_phantom.ipynb #76e6b8c0
 def mass_effect(q:np.ndarray, p:dict) -> np.ndarray:
     "Coordinates at which to sample tissue so that it looks pushed away from the tumour centre."
     c = p['center'].reshape(3, *[1] * (q.ndim - 1))
     d = q - c
     return c + d * (1 - p['mass'] * np.exp(-(d ** 2).sum(0) / (2 * p['r_wt'] ** 2)))
 
+# %% ../nbs/06_phantom.ipynb #ba4b01bb
 def tumour_layers(p:dict, q:np.ndarray, tissues:dict):
     "BraTS label map (1 necrosis, 2 oedema, 4 enhancing; float32) and the blending layers of tumour `p` at coordinates `q`."
     d = np.sqrt(((q - p['center'].reshape(3, *[1] * (q.ndim - 1))) ** 2).sum(0))
@@ -316,6 +320,7 @@ def stroke_params(rng:np.random.Generator) -> list:
         out.append(dict(center=c, axes=axes, rot=rot, u=rng.uniform(0.0, 0.45), seed=int(rng.integers(2**31))))
     return out
 
+# %% ../nbs/06_phantom.ipynb #caa59828
 def stroke_layers(ps:list, q:np.ndarray, tissues:dict):
     "0/1 label map (float32) and the blending layers (T1 only) of the strokes `ps` at template coordinates `q`."
     lab, layers = np.zeros(q.shape[1:], np.float32), []
@@ -346,6 +351,7 @@ def retina_base() -> dict:
     photo.putalpha(fov)
     return dict(photo=photo, disc=disc, center=np.array([ys.mean(), xs.mean()]) * s, radius=np.sqrt(fov_full.sum() / np.pi) * s)
 
+# %% ../nbs/06_phantom.ipynb #cf3122f6
 class FundusView:
     "One healthy 'eye': a random flip, rotation, zoom, shift and smooth warp of the photograph, and a camera."
     def __init__(self, rng:np.random.Generator):
@@ -402,6 +408,7 @@ class FundusView:
         out = np.clip(out, 0, 1) * fov[..., None]
         return np.round(out * 255).astype(np.uint8)
 
+# %% ../nbs/06_phantom.ipynb #542d82e6
 def preprocess_fundus(photo:np.ndarray, # H×W×3 uint8 photograph
                       masks:dict|None=None, # name → H×W bool full-resolution masks
                       size:int=128):
@@ -434,6 +441,7 @@ def _blob(img, mask, rng, yx, radius, ratio=1.0, rough=0.0, edge=1.0, colour=Non
     img[y0:y1, x0:x1] = win * (1 - w) + target * w
     mask[y0:y1, x0:x1] |= s <= 1
 
+# %% ../nbs/06_phantom.ipynb #1ac1478c
 def _lesion_site(rng, geo, fov, min_disc=50.0):
     "A random point inside 85% of the field of view, at least `min_disc` px from the optic disc."
     for _ in range(1000):
@@ -443,6 +451,7 @@ def _lesion_site(rng, geo, fov, min_disc=50.0):
                 and fov[int(p[0]), int(p[1])]): return p
     raise RuntimeError("no lesion site found inside the field of view")
 
+# %% ../nbs/06_phantom.ipynb #51c34cf4
 def dr_lesions(img:np.ndarray, # H×W×3 float32 warped photograph, painted in place
                fov:np.ndarray, # H×W bool field of view
                geo:dict, # disc, center, radius (from `FundusView.geometry`)
@@ -474,6 +483,7 @@ def dr_lesions(img:np.ndarray, # H×W×3 float32 warped photograph, painted in p
               rough=0.2, edge=4.0, colour=np.array([0.95, 0.82, 0.68]), alpha=rng.uniform(0.3, 0.5))
     return {t: v & fov for t, v in m.items()}
 
+# %% ../nbs/06_phantom.ipynb #edc1bb64
 def fundus_image(seed:int, # global seed
                  stream:str, # 'fundus' (training) or 'ddr' (test)
                  index, # image number (an int or a tuple of ints) within the stream
@@ -561,6 +571,7 @@ def noise_floor(healthy:np.ndarray, # N×C×H×W healthy references
     fg = np.broadcast_to((healthy > 0).any(1, keepdims=True), healthy.shape)
     return float(np.abs(healthy.astype(np.float64) - redraw)[fg].mean()) if fg.any() else 0.0
 
+# %% ../nbs/06_phantom.ipynb #5b1fef9a
 def _mri_sets(kind, seed, n_subjects, slice_step, sequences, lesion, zero_below, progress, size=128):
     "Build the phantom MRI sets of `kind` for all `sequences`: {sequence: SliceSet} (test sets with healthy references)."
     imgs, masks, ids, hs, rs = ({s: [] for s in sequences} for _ in range(5))
@@ -615,6 +626,7 @@ def phantom_brain(split:str, # 'train' or 'val' (95/5 of the slices, in order)
     full = _cached(keys, seq, lambda: _mri_sets('brain', seed, n, step, SEQUENCES, None, 1e-4, progress, size), cache_dir)
     return _train_split(full, split, f"phantom-brain-{seq}")
 
+# %% ../nbs/06_phantom.ipynb #2c7502e7
 def phantom_brats(sequence:str, # 't1' or 't2' (the same tumours in both)
                   seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of tumour subjects (default 16)
@@ -626,6 +638,7 @@ def phantom_brats(sequence:str, # 't1' or 't2' (the same tumours in both)
     keys = {s: _mri_key('brats', s, seed, n, step, size) for s in SEQUENCES}
     return _cached(keys, seq, lambda: _mri_sets('brats', seed, n, step, SEQUENCES, 'tumour', 1e-4, progress, size), cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #313bcfcf
 def phantom_atlas(seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of stroke subjects (default 24)
                   slice_step:int|None=None, # keep every `slice_step`-th axial plane (default 45)
@@ -635,6 +648,7 @@ def phantom_atlas(seed:int=0, cache_dir=None, # as `phantom_brain`
     keys = {'t1': _mri_key('atlas', 't1', seed, n, step, size)}
     return _cached(keys, 't1', lambda: _mri_sets('atlas', seed, n, step, ('t1',), 'stroke', 0.1, progress, size), cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #5c42fcf3
 def _fundus_set(name, seed, specs, progress, size=128):
     "Build a fundus SliceSet from (id, stream, index, lesions) specs (a test set gets healthy references)."
     refs = any(s[3] for s in specs)
@@ -661,6 +675,7 @@ def phantom_fundus(split:str, # 'train' or 'val' (95/5 of the images, in order)
     full = _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-fundus', seed, specs, progress, size)}, cache_dir)
     return _train_split(full, split, 'phantom-fundus')
 
+# %% ../nbs/06_phantom.ipynb #394b786a
 def phantom_ddr(seed:int=0, cache_dir=None, # as `phantom_brain`
                 n_images:int|None=None, # number of test images (default 80): the first half healthy, then lesioned
                 progress:bool=True, size:int=128) -> SliceSet:

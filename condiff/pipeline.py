@@ -24,6 +24,7 @@ from .train import TrainConfig, train, saved_config_diff, build_base
 from .inference import (TensorFile, sliceset_fingerprint, evaluate_fold, evaluate_folds, ensemble, read_eval,
                                batched_folds_default)
 from .report import OursResult, build_table1, write_table1, random_baseline, intensity_control, closest_fold, select_examples, Figure3Panel, plot_figure3, save_figure3
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DEFAULT_PRESET', 'RUN_DEFAULTS', 'PAIRED', 'ReproduceConfig', 'check_train_overrides', 'fold_family',
@@ -48,6 +49,7 @@ def _size_kw(preset) -> dict:
     s = RUN_DEFAULTS.get(preset, {}).get('image_size')
     return {} if s is None else dict(size=s)
 
+# %% ../nbs/11_pipeline.ipynb #dca67c8d
 @dataclass
 class ReproduceConfig:
     "What `reproduce` runs; the defaults are the embedded default (phantoms, tiny preset, 10 folds, CPU)."
@@ -73,7 +75,6 @@ class ReproduceConfig:
     threads: int|None = 1  # torch CPU threads per job (fixed, so the numbers do not depend on `jobs`; None: leave as is)
     folds_per_gpu: int = 1  # device 'cuda'/'auto': folds at once on each visible GPU (each worker process keeps one GPU)
     batched_folds: bool|None = None  # evaluate all folds of a test set in one batched pass (None: on CUDA yes, on the CPU no)
-
     def __post_init__(self):
         self.device = check_device('device', self.device, available=False)  # a config may be written for another machine
         check_out_dir('out', self.out); check_out_dir('runs', self.runs)
@@ -99,26 +100,32 @@ class ReproduceConfig:
         reals = [t for t in self.testsets if TESTSETS[t].data == 'real']
         if reals and self.data_root is None: raise ValueError(f"test set(s) {reals} are real data: pass data_root (--data-root)")
 
-    def resolved_jobs(self) -> tuple: # (jobs, threads per job)
-        "How many folds run at once and with how many CPU threads each."
-        devs = self.job_devices()
-        if devs[0].startswith('cuda'):  # one or more worker processes per visible GPU
-            j = self.jobs if self.jobs is not None else len(devs) * self.folds_per_gpu
-            return int(j), (None if j == 1 else self.threads)  # one process: torch's own threads
-        t = self.threads
-        j = self.jobs if self.jobs is not None else max(1, (os.cpu_count() or 1) // (t or 1))
-        return int(j), t
+# %% ../nbs/11_pipeline.ipynb #30bc40ef
+@patch
+def resolved_jobs(self:ReproduceConfig) -> tuple: # (jobs, threads per job)
+    "How many folds run at once and with how many CPU threads each."
+    devs = self.job_devices()
+    if devs[0].startswith('cuda'):  # one or more worker processes per visible GPU
+        j = self.jobs if self.jobs is not None else len(devs) * self.folds_per_gpu
+        return int(j), (None if j == 1 else self.threads)  # one process: torch's own threads
+    t = self.threads
+    j = self.jobs if self.jobs is not None else max(1, (os.cpu_count() or 1) // (t or 1))
+    return int(j), t
 
-    def job_devices(self) -> list: # the devices worker k uses: devices[k % len(devices)]
-        "'cuda' (or 'auto' with CUDA): every visible GPU, 'cuda:0' ... 'cuda:N-1'; otherwise the one device named."
-        d = str(self.device)
-        if d == 'auto': d = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if d == 'cuda':
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            return [f'cuda:{i}' for i in range(n)] or ['cuda']
-        return [d]
+# %% ../nbs/11_pipeline.ipynb #c1eb1c6a
+@patch
+def job_devices(self:ReproduceConfig) -> list: # the devices worker k uses: devices[k % len(devices)]
+    "'cuda' (or 'auto' with CUDA): every visible GPU, 'cuda:0' ... 'cuda:N-1'; otherwise the one device named."
+    d = str(self.device)
+    if d == 'auto': d = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if d == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f'cuda:{i}' for i in range(n)] or ['cuda']
+    return [d]
 
-    def to_dict(self) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
+# %% ../nbs/11_pipeline.ipynb #30a490df
+@patch
+def to_dict(self:ReproduceConfig) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
 
 # %% ../nbs/11_pipeline.ipynb #881ed27f
 _OWN_OPTION = {'seed': 'seed', 'max_steps': 'max_steps', 'fold': 'fold', 'device': 'device', 'data_root': 'data_root',
@@ -141,6 +148,7 @@ def check_train_overrides(over:dict, # TrainConfig overrides (`--set KEY=VALUE`,
                                           'unknown TrainConfig field')
     return over
 
+# %% ../nbs/11_pipeline.ipynb #ffcfba99
 def fold_family(run_dir) -> dict:
     "The model family a trained fold belongs to: dataset, sequence, preset (config.json), modality, channels, data fingerprint (checkpoint)."
     run_dir = Path(run_dir)
@@ -152,6 +160,7 @@ def fold_family(run_dir) -> dict:
     fam.update(modality=meta.get('modality'), img_channels=meta.get('img_channels'), data=(meta.get('family') or {}).get('data'))
     return fam
 
+# %% ../nbs/11_pipeline.ipynb #5d53d8da
 def _fam_str(f:dict) -> str:
     return f"{f['dataset']}{'-' + f['sequence'] if f.get('sequence') else ''}/{f['preset']}" + \
            (f" ({f['modality']}, {f['img_channels']} ch)" if f.get('modality') else '')
@@ -185,6 +194,7 @@ def train_config(testset:str, # names the model family (its training set)
     ts = get_testset(testset)
     return fold_config(ts.train[0], ts.train[1], fold, preset, device, seed, max_steps, data_root, **overrides)
 
+# %% ../nbs/11_pipeline.ipynb #710da573
 def fold_config(dataset:str, # training dataset (`condiff.data.get_dataset` name), e.g. 'phantom-brain'
                 sequence:str|None, # 't1' / 't2' for brain MRI, None for fundus
                 fold:int, preset:str=DEFAULT_PRESET, device:str='cpu', seed:int=42, max_steps:int|None=None, data_root=None,
@@ -199,18 +209,21 @@ def fold_config(dataset:str, # training dataset (`condiff.data.get_dataset` name
     kw.update(overrides)
     return TrainConfig.from_preset(preset, **kw)
 
+# %% ../nbs/11_pipeline.ipynb #2b4dc418
 def run_status(run_dir) -> dict:
     "The run's `run.json` (status, step, stop_reason, ...), or {} if it has none or it is unreadable."
     p = Path(run_dir) / 'run.json'
     try: return json.loads(p.read_text())
     except (OSError, ValueError): return {}
 
+# %% ../nbs/11_pipeline.ipynb #dbe25789
 def training_done(run_dir, max_steps:int) -> bool:
     "True if the fold finished training: `max_steps` reached, or early-stopped."
     st = run_status(run_dir)
     if st.get('status') != 'finished': return False
     return st.get('stop_reason') == 'early_stop' or int(st.get('step', 0)) >= int(max_steps)
 
+# %% ../nbs/11_pipeline.ipynb #951c62eb
 def train_fold(config, # a TrainConfig (from `train_config`)
                runs='runs', # root of the run folders
                progress:bool=True, # tqdm bar
@@ -243,6 +256,7 @@ def train_testset(testset:str, # the test set naming the model family, e.g. phan
     rd, was = train_fold(train_config(testset, fold, preset, device, seed, max_steps, data_root, **sets), runs, progress)
     return dict(run_dir=str(rd), skipped=was, **run_status(rd))
 
+# %% ../nbs/11_pipeline.ipynb #d760631e
 def pretrain(kind:str, # which base model: 'mri' (T1 and T2 phantom brains) or 'rf' (phantom fundus)
              max_steps:int=3000, # training steps
              runs='runs', # root of the run folders
@@ -271,6 +285,7 @@ def load_testset(name:str, # a TESTSETS name
     ss = get_dataset(ts.test[0], 'test', sequence=ts.test[1], root=data_root, seed=data_seed, **kw)
     return ss if test_images is None else subsample(ss, test_images)
 
+# %% ../nbs/11_pipeline.ipynb #4d30ea7f
 def subsample(ss:SliceSet, n:int) -> SliceSet:
     "`n` slices, evenly spaced: ⌈n/2⌉ with a lesion, the rest healthy (in the set's order)."
     if n >= len(ss): return ss
@@ -283,6 +298,7 @@ def subsample(ss:SliceSet, n:int) -> SliceSet:
     out.meta['subsample'] = dict(n=int(n), of=len(ss))
     return out
 
+# %% ../nbs/11_pipeline.ipynb #ac72c742
 def _rank0_lock(folder, what):
     return FolderLock(folder, what) if int(os.environ.get('RANK', '0')) == 0 else nullcontext()
 
@@ -332,6 +348,7 @@ def evaluate(testset:str, # the test set: a TESTSETS name
     with _rank0_lock(out, 'evaluation folder'):  # one writer per result folder (under torchrun rank 0 holds it for all)
         return evaluate_fold(rds[0], ss, out, which=_which(rds[0]), **kw)
 
+# %% ../nbs/11_pipeline.ipynb #30ba3b82
 def ensemble_folds(testset:str, # the test set: a TESTSETS name
                    folds=tuple(range(10)), # the folds to average, e.g. '0-9' or '0,3,5'
                    preset:str=DEFAULT_PRESET, # training preset of the models
@@ -408,6 +425,7 @@ def collect_results(testsets, # TESTSETS names
                               preset, rnd, ctl, int(ens.get('n_images') or f0['n_images']), rq))
     return out
 
+# %% ../nbs/11_pipeline.ipynb #1743f773
 def make_table1(testsets:tuple=PHANTOM_TESTSETS, # the test sets (columns of Table 1) to report
                 preset:str=DEFAULT_PRESET, # training preset of the models
                 folds=tuple(range(10)), # the folds of the ensemble, e.g. '0-9' or '0,3,5'
@@ -423,6 +441,7 @@ def make_table1(testsets:tuple=PHANTOM_TESTSETS, # the test sets (columns of Tab
     res = collect_results(testsets, preset, folds, runs, data_root=data_root, test_images=test_images, progress=progress, **load_kw)
     return write_table1(build_table1(res, commit=commit or provenance()['commit']), out)
 
+# %% ../nbs/11_pipeline.ipynb #e67ba858
 PAIRED = {'phantom-brats-t1': 'phantom-brats-t2', 'brats-t1': 'brats-t2'}  # same subjects, other sequence
 
 def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str=DEFAULT_PRESET, folds=tuple(range(10)), runs='runs',
@@ -465,6 +484,7 @@ def figure3_panels(testsets=PHANTOM_TESTSETS, preset:str=DEFAULT_PRESET, folds=t
                                    ellipses=ts.column == 'DDR', fold=folds[best]))
     return panels
 
+# %% ../nbs/11_pipeline.ipynb #70d97e1e
 def make_figure3(testsets:tuple=PHANTOM_TESTSETS, # the test sets (rows of Figure 3)
                  preset:str=DEFAULT_PRESET, # training preset of the models
                  folds=tuple(range(10)), # the folds of the ensemble, e.g. '0-9' or '0,3,5'
@@ -492,6 +512,7 @@ def _mtime(p:Path):
     try: return p.stat().st_mtime_ns
     except OSError: return None
 
+# %% ../nbs/11_pipeline.ipynb #6c9dbfce
 _WORKER_DEVICE = None  # set in each `reproduce` worker process that owns one GPU
 
 def _init_worker(parent_pid:int, queue=None):
@@ -499,17 +520,20 @@ def _init_worker(parent_pid:int, queue=None):
     die_with_parent(parent_pid)
     if queue is not None: _pin_worker(queue)
 
+# %% ../nbs/11_pipeline.ipynb #36ede300
 def _pin_worker(queue):
     "ProcessPoolExecutor initializer: this worker takes the next device from `queue` for all its steps."
     global _WORKER_DEVICE
     _WORKER_DEVICE = queue.get()
 
+# %% ../nbs/11_pipeline.ipynb #99233a52
 def _on_device(kind:str, kw:dict, device:str|None) -> dict:
     "The step's arguments with its device replaced by `device` (None: unchanged)."
     if device is None: return kw
     if kind == 'train': return {**kw, 'config': {**kw['config'], 'device': device}}
     return {**kw, 'device': device}
 
+# %% ../nbs/11_pipeline.ipynb #fe6e4154
 def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict:
     "One step of `reproduce` ('train' or 'evaluate'), runnable in a worker process; returns a small summary."
     kw = _on_device(kind, kw, _WORKER_DEVICE)
@@ -537,6 +561,7 @@ def _work(kind:str, kw:dict, threads:int|None=None, progress:bool=False) -> dict
         raise ValueError(f"unknown step kind {kind!r}")
     finally: torch.set_num_threads(old)
 
+# %% ../nbs/11_pipeline.ipynb #5506f23a
 def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done, devices:list|None=None):
     "Run [(kind, kw, label), ...] in this process (jobs 1) or in `jobs` spawned processes (worker k on `devices[k % n]`)."
     if jobs <= 1:
@@ -555,6 +580,7 @@ def _run_steps(steps, jobs:int, threads:int|None, progress:bool, on_done, device
             for fu in futs: fu.cancel()
             raise
 
+# %% ../nbs/11_pipeline.ipynb #0be9b7de
 def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the embedded default)
               progress:bool=True, # progress bars
               log=print, # where the one-line step messages go (None: silent)
@@ -567,6 +593,7 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     with FolderLock(cfg.runs, 'reproduce run folder'):  # one reproduce per run folder; each fold is locked by its trainer
         return _reproduce(cfg, progress, log)
 
+# %% ../nbs/11_pipeline.ipynb #39a908e6
 def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
     say = log or (lambda *a, **k: None)
     t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 from safetensors import safe_open
 from safetensors.torch import save as _st_save, load as _st_load
 from matplotlib.figure import Figure
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .checks import (BadInput, check_choice, FolderLock, LockHeld, quarantine, file_sha256, os_error_message, parse_sets,
                             in_ipython, run_command)
@@ -35,10 +36,9 @@ __all__ = ['TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'WEIGHTS_
            'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model',
            'train_command', 'base_kind', 'base_weights', 'build_base']
 
-# %% ../nbs/08_train.ipynb #0618a0ec
+# %% ../nbs/08_train.ipynb #4545f4e4
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
                 task_clip=CLIP_MODES)
-
 @dataclass
 class TrainConfig:
     "Everything that defines one training run (defaults = the `paper` preset); saved as `config.json` in the run folder."
@@ -94,110 +94,120 @@ class TrainConfig:
     compile: bool = False  # torch.compile the UNet for the training steps (`MaybeCompiled`: eager, with a warning, if it fails)
     num_workers: int = 8  # DataLoader worker processes per rank
     log_every: int = 50  # log the training loss every this many steps
-
     def __post_init__(self):
         if isinstance(self.adam_betas, list): self.adam_betas = tuple(self.adam_betas)
         if isinstance(self.train_tasks, list): self.train_tasks = tuple(self.train_tasks)
         self.validate()
 
-    def validate(self):
-        "Raise a ValueError naming every field whose value is wrong."
-        errs, bad = [], set()
-        def need(ok, k, msg):
-            if k in bad: return  # already reported as the wrong type
-            try: ok = ok()
-            except TypeError: ok = False
-            if not ok: errs.append(msg); bad.add(k)
-        isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        isnum = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
-        g = lambda k: getattr(self, k)
-        for k in ('fold', 'seed', 'data_seed', 'batch_size', 'max_steps', 'val_every', 'val_start', 'val_batch_size', 'patience',
-                  'checkpoint_every', 'num_workers', 'log_every'):
-            need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
-        for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
-            need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
-        for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic', 'compile'):
-            need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
-        for k in ('preset', 'dataset', 'unet', 'device'):
-            need(lambda: isinstance(g(k), str) and g(k) != '', k, f"{k} must be a non-empty string, got {g(k)!r}")
-        for k in ('data_root', 'cache_dir', 'train_data', 'val_data', 'init_weights'):
-            need(lambda: g(k) is None or isinstance(g(k), str), k, f"{k} must be a path string or None, got {g(k)!r}")
-        for k, ok in _CHOICES.items():
-            need(lambda: g(k) in ok, k, f"{k} must be one of {ok}, got {g(k)!r}")
-        need(lambda: 0 <= self.fold < len(FOLDS), 'fold', f"fold must be in 0..{len(FOLDS) - 1}, got {self.fold!r}")
-        for k in ('seed', 'data_seed'): need(lambda: g(k) >= 0, k, f"{k} must be >= 0, got {g(k)!r}")
-        for k in ('batch_size', 'max_steps', 'val_every', 'val_batch_size', 'patience', 'checkpoint_every', 'log_every'):
-            need(lambda: g(k) > 0, k, f"{k} must be > 0, got {g(k)!r}")
-        need(lambda: self.val_start >= 0, 'val_start', f"val_start must be >= 0, got {self.val_start!r}")
-        need(lambda: self.num_workers >= 0, 'num_workers', f"num_workers must be >= 0, got {self.num_workers!r}")
-        need(lambda: self.val_max_samples is None or (isint(self.val_max_samples) and self.val_max_samples > 0),
-             'val_max_samples', f"val_max_samples must be None or an int > 0, got {self.val_max_samples!r}")
-        need(lambda: 0 <= self.p_no_aug <= 1, 'p_no_aug', f"p_no_aug must be in [0, 1], got {self.p_no_aug!r}")
-        need(lambda: self.anomaly_weight >= 0, 'anomaly_weight', f"anomaly_weight must be >= 0, got {self.anomaly_weight!r}")
-        need(lambda: self.noise_offset >= 0, 'noise_offset', f"noise_offset must be >= 0, got {self.noise_offset!r}")
-        need(lambda: self.snr_gamma is None or (isnum(self.snr_gamma) and self.snr_gamma > 0), 'snr_gamma',
-             f"snr_gamma must be None or a number > 0, got {self.snr_gamma!r}")
-        need(lambda: self.lr > 0, 'lr', f"lr must be > 0, got {self.lr!r}")
-        need(lambda: isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2 and all(isnum(b) and 0 <= b < 1 for b in self.adam_betas),
-             'adam_betas', f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        need(lambda: self.weight_decay >= 0, 'weight_decay', f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        need(lambda: self.adam_eps > 0, 'adam_eps', f"adam_eps must be > 0, got {self.adam_eps!r}")
-        need(lambda: self.grad_clip > 0, 'grad_clip', f"grad_clip must be > 0, got {self.grad_clip!r}")
-        need(lambda: 0 <= self.ema_max_decay < 1, 'ema_max_decay', f"ema_max_decay must be in [0, 1), got {self.ema_max_decay!r}")
-        need(lambda: 0 <= self.ma_alpha < 1, 'ma_alpha', f"ma_alpha must be in [0, 1), got {self.ma_alpha!r}")
-        need(lambda: self.train_tasks is None or (isinstance(self.train_tasks, tuple) and len(self.train_tasks) > 0
-             and all(isint(k) and 0 <= k < 5 for k in self.train_tasks) and len(set(self.train_tasks)) == len(self.train_tasks)),
-             'train_tasks', f"train_tasks must be None or distinct task ids in 0..4, got {self.train_tasks!r}")
-        need(lambda: self.unet in UNET_PRESETS, 'unet', f"unet must be one of {sorted(UNET_PRESETS)}, got {self.unet!r}")
-        need(lambda: self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, 'prediction_type',
-             f"prediction_type must be None or one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
-        need(lambda: self.image_size is None or (isint(self.image_size) and self.image_size >= 16 and self.image_size % 8 == 0),
-             'image_size', f"image_size must be None or an int >= 16 divisible by 8, got {self.image_size!r}")
-        def devok():
-            try: torch.device('cuda' if self.device == 'auto' else self.device); return True
-            except (RuntimeError, ValueError): return False
-        need(devok, 'device', f"device must be 'auto' or a torch device string such as 'cpu' or 'cuda:0', got {self.device!r}")
-        if errs: raise ValueError("invalid TrainConfig: " + "; ".join(errs))
-        return self
+# %% ../nbs/08_train.ipynb #d49ec216
+@patch
+def validate(self:TrainConfig):
+    "Raise a ValueError naming every field whose value is wrong."
+    errs, bad = [], set()
+    def need(ok, k, msg):
+        if k in bad: return  # already reported as the wrong type
+        try: ok = ok()
+        except TypeError: ok = False
+        if not ok: errs.append(msg); bad.add(k)
+    isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    isnum = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    g = lambda k: getattr(self, k)
+    for k in ('fold', 'seed', 'data_seed', 'batch_size', 'max_steps', 'val_every', 'val_start', 'val_batch_size', 'patience',
+              'checkpoint_every', 'num_workers', 'log_every'):
+        need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
+    for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
+        need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
+    for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic', 'compile'):
+        need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
+    for k in ('preset', 'dataset', 'unet', 'device'):
+        need(lambda: isinstance(g(k), str) and g(k) != '', k, f"{k} must be a non-empty string, got {g(k)!r}")
+    for k in ('data_root', 'cache_dir', 'train_data', 'val_data', 'init_weights'):
+        need(lambda: g(k) is None or isinstance(g(k), str), k, f"{k} must be a path string or None, got {g(k)!r}")
+    for k, ok in _CHOICES.items():
+        need(lambda: g(k) in ok, k, f"{k} must be one of {ok}, got {g(k)!r}")
+    need(lambda: 0 <= self.fold < len(FOLDS), 'fold', f"fold must be in 0..{len(FOLDS) - 1}, got {self.fold!r}")
+    for k in ('seed', 'data_seed'): need(lambda: g(k) >= 0, k, f"{k} must be >= 0, got {g(k)!r}")
+    for k in ('batch_size', 'max_steps', 'val_every', 'val_batch_size', 'patience', 'checkpoint_every', 'log_every'):
+        need(lambda: g(k) > 0, k, f"{k} must be > 0, got {g(k)!r}")
+    need(lambda: self.val_start >= 0, 'val_start', f"val_start must be >= 0, got {self.val_start!r}")
+    need(lambda: self.num_workers >= 0, 'num_workers', f"num_workers must be >= 0, got {self.num_workers!r}")
+    need(lambda: self.val_max_samples is None or (isint(self.val_max_samples) and self.val_max_samples > 0),
+         'val_max_samples', f"val_max_samples must be None or an int > 0, got {self.val_max_samples!r}")
+    need(lambda: 0 <= self.p_no_aug <= 1, 'p_no_aug', f"p_no_aug must be in [0, 1], got {self.p_no_aug!r}")
+    need(lambda: self.anomaly_weight >= 0, 'anomaly_weight', f"anomaly_weight must be >= 0, got {self.anomaly_weight!r}")
+    need(lambda: self.noise_offset >= 0, 'noise_offset', f"noise_offset must be >= 0, got {self.noise_offset!r}")
+    need(lambda: self.snr_gamma is None or (isnum(self.snr_gamma) and self.snr_gamma > 0), 'snr_gamma',
+         f"snr_gamma must be None or a number > 0, got {self.snr_gamma!r}")
+    need(lambda: self.lr > 0, 'lr', f"lr must be > 0, got {self.lr!r}")
+    need(lambda: isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2 and all(isnum(b) and 0 <= b < 1 for b in self.adam_betas),
+         'adam_betas', f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+    need(lambda: self.weight_decay >= 0, 'weight_decay', f"weight_decay must be >= 0, got {self.weight_decay!r}")
+    need(lambda: self.adam_eps > 0, 'adam_eps', f"adam_eps must be > 0, got {self.adam_eps!r}")
+    need(lambda: self.grad_clip > 0, 'grad_clip', f"grad_clip must be > 0, got {self.grad_clip!r}")
+    need(lambda: 0 <= self.ema_max_decay < 1, 'ema_max_decay', f"ema_max_decay must be in [0, 1), got {self.ema_max_decay!r}")
+    need(lambda: 0 <= self.ma_alpha < 1, 'ma_alpha', f"ma_alpha must be in [0, 1), got {self.ma_alpha!r}")
+    need(lambda: self.train_tasks is None or (isinstance(self.train_tasks, tuple) and len(self.train_tasks) > 0
+         and all(isint(k) and 0 <= k < 5 for k in self.train_tasks) and len(set(self.train_tasks)) == len(self.train_tasks)),
+         'train_tasks', f"train_tasks must be None or distinct task ids in 0..4, got {self.train_tasks!r}")
+    need(lambda: self.unet in UNET_PRESETS, 'unet', f"unet must be one of {sorted(UNET_PRESETS)}, got {self.unet!r}")
+    need(lambda: self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, 'prediction_type',
+         f"prediction_type must be None or one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+    need(lambda: self.image_size is None or (isint(self.image_size) and self.image_size >= 16 and self.image_size % 8 == 0),
+         'image_size', f"image_size must be None or an int >= 16 divisible by 8, got {self.image_size!r}")
+    def devok():
+        try: torch.device('cuda' if self.device == 'auto' else self.device); return True
+        except (RuntimeError, ValueError): return False
+    need(devok, 'device', f"device must be 'auto' or a torch device string such as 'cpu' or 'cuda:0', got {self.device!r}")
+    if errs: raise ValueError("invalid TrainConfig: " + "; ".join(errs))
+    return self
 
-    @classmethod
-    def from_preset(cls, name:str='paper', **overrides) -> TrainConfig:
-        "The preset `name` ('paper' or 'tiny') with `overrides` applied; unknown keys raise a ValueError naming them."
-        if name not in TRAIN_PRESETS: raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(overrides) - known)
-        if bad: raise ValueError(f"unknown TrainConfig key(s) {bad}; known keys: {sorted(known)}")
-        return cls(**{**TRAIN_PRESETS[name], 'preset': name, **overrides})
+# %% ../nbs/08_train.ipynb #3ade613a
+@patch(cls_method=True)
+def from_preset(cls:TrainConfig, name:str='paper', **overrides) -> TrainConfig:
+    "The preset `name` ('paper' or 'tiny') with `overrides` applied; unknown keys raise a ValueError naming them."
+    if name not in TRAIN_PRESETS: raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(overrides) - known)
+    if bad: raise ValueError(f"unknown TrainConfig key(s) {bad}; known keys: {sorted(known)}")
+    return cls(**{**TRAIN_PRESETS[name], 'preset': name, **overrides})
 
-    def to_dict(self) -> dict: return {f.name: getattr(self, f.name) for f in fields(self)}
+# %% ../nbs/08_train.ipynb #1ca5ede9
+@patch
+def to_dict(self:TrainConfig) -> dict: return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def to_json(self, path=None) -> str:
-        "The config as JSON text; also written (atomically) to `path` if given."
-        s = json.dumps(self.to_dict(), indent=1)
-        if path is not None: _atomic_bytes(Path(path), s.encode())
-        return s
+# %% ../nbs/08_train.ipynb #1354a4c1
+@patch
+def to_json(self:TrainConfig, path=None) -> str:
+    "The config as JSON text; also written (atomically) to `path` if given."
+    s = json.dumps(self.to_dict(), indent=1)
+    if path is not None: _atomic_bytes(Path(path), s.encode())
+    return s
 
-    @classmethod
-    def from_json(cls, src) -> TrainConfig:
-        "Read a config from a JSON file path or JSON text. It may be partial: missing keys come from its `preset`."
-        where = 'JSON text'
-        if isinstance(src, Path) or (isinstance(src, str) and not src.lstrip().startswith('{')):
-            where = str(src)
-            if not Path(src).is_file(): raise FileNotFoundError(f"no config file at {src}")
-            src = Path(src).read_text()
-        try: d = json.loads(src)
-        except json.JSONDecodeError as e: raise ValueError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(d, dict): raise ValueError(f"{where}: a config must be a JSON object, got {type(d).__name__}")
-        bad = sorted(set(d) - {f.name for f in fields(cls)})
-        if bad: raise ValueError(f"{where}: unknown TrainConfig key(s) {bad}")
-        return cls.from_preset(d.pop('preset', 'paper'), **d)
+# %% ../nbs/08_train.ipynb #1f0eb36d
+@patch(cls_method=True)
+def from_json(cls:TrainConfig, src) -> TrainConfig:
+    "Read a config from a JSON file path or JSON text. It may be partial: missing keys come from its `preset`."
+    where = 'JSON text'
+    if isinstance(src, Path) or (isinstance(src, str) and not src.lstrip().startswith('{')):
+        where = str(src)
+        if not Path(src).is_file(): raise FileNotFoundError(f"no config file at {src}")
+        src = Path(src).read_text()
+    try: d = json.loads(src)
+    except json.JSONDecodeError as e: raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(d, dict): raise ValueError(f"{where}: a config must be a JSON object, got {type(d).__name__}")
+    bad = sorted(set(d) - {f.name for f in fields(cls)})
+    if bad: raise ValueError(f"{where}: unknown TrainConfig key(s) {bad}")
+    return cls.from_preset(d.pop('preset', 'paper'), **d)
 
-    def replace(self, **changes) -> TrainConfig:
-        "A copy with `changes` (validated; unknown keys raise)."
-        bad = sorted(set(changes) - {f.name for f in fields(self)})
-        if bad: raise ValueError(f"unknown TrainConfig key(s) {bad}")
-        return dataclasses.replace(self, **changes)
+# %% ../nbs/08_train.ipynb #53b22556
+@patch
+def replace(self:TrainConfig, **changes) -> TrainConfig:
+    "A copy with `changes` (validated; unknown keys raise)."
+    bad = sorted(set(changes) - {f.name for f in fields(self)})
+    if bad: raise ValueError(f"unknown TrainConfig key(s) {bad}")
+    return dataclasses.replace(self, **changes)
 
+# %% ../nbs/08_train.ipynb #fafa91fe
 TRAIN_PRESETS = {
     'paper': {},
     # the CPU default (`make demo`): chosen by measurement, `bench/quality.py`; every departure from paper is a named field
@@ -227,6 +237,7 @@ def sample_seeds(seed:int, epoch:int, index:int, stream:int=0) -> tuple:
     noise_ss = np.random.SeedSequence([seed, epoch, index], spawn_key=(2 * stream + 1,))
     return np.random.default_rng(task_ss), int(noise_ss.generate_state(1, np.uint64)[0])
 
+# %% ../nbs/08_train.ipynb #301b0f9a
 class TaskDataset(Dataset):
     "Item `(epoch, i)`: slice i corrupted by `task`, with its own noise ε and timestep t, all in model space."
     def __init__(self,
@@ -268,6 +279,7 @@ def epoch_permutation(n:int, seed:int, epoch:int) -> np.ndarray:
     "The order of the `n` training slices in `epoch`."
     return np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=(101,))).permutation(n)
 
+# %% ../nbs/08_train.ipynb #b2a1f2d1
 class StreamSampler(Sampler):
     "Endless `(epoch, index)` keys for this rank's share of consecutive global batches, from stream position `start`."
     def __init__(self,
@@ -293,6 +305,7 @@ class StreamSampler(Sampler):
                 yield (e, int(perm[j]))
             pos += self.B
 
+# %% ../nbs/08_train.ipynb #5022886c
 def _seed_worker(worker_id:int, seed:int, rank:int):
     "Give each DataLoader worker its own global numpy / python / torch seeds (for any code that uses them)."
     s = np.random.SeedSequence([seed, rank, worker_id], spawn_key=(202,)).generate_state(2, np.uint32)
@@ -319,6 +332,7 @@ def ema_decay(step:int, max_decay:float=0.9999) -> float:
     s = step - 1
     return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
 
+# %% ../nbs/08_train.ipynb #23dbe826
 class EMA:
     "Exponential moving average of a model's parameters (buffers are copied), diffusers `EMAModel` arithmetic."
     def __init__(self, model:torch.nn.Module, max_decay:float=0.9999):
@@ -419,6 +433,7 @@ def save_checkpoint(ckpt_dir, # the run's `checkpoints/` folder
         elif p.name.startswith('.') and p.is_symlink(): p.unlink()
     return final
 
+# %% ../nbs/08_train.ipynb #92a562d4
 def _link_target(ckpt_dir:Path, tag:str):
     p = Path(ckpt_dir) / tag
     return os.readlink(p) if p.is_symlink() else None
@@ -443,6 +458,7 @@ def resolve_checkpoint(run_dir, # a run folder (holding `checkpoints/`)
 class CorruptCheckpoint(ValueError):
     "A checkpoint whose files are missing, unreadable or differ from their recorded digests."
 
+# %% ../nbs/08_train.ipynb #e2a504ef
 def verify_checkpoint(ck, # a checkpoint folder (`checkpoints/step-N`)
                      ) -> dict: # its meta.json
     "Check a checkpoint before it is used: complete, readable, every file equal to its recorded SHA-256."
@@ -463,6 +479,7 @@ def verify_checkpoint(ck, # a checkpoint folder (`checkpoints/step-N`)
             except Exception as e: raise CorruptCheckpoint(f"checkpoint {ck} is corrupt: {f} is unreadable ({type(e).__name__}: {e})") from None
     return meta
 
+# %% ../nbs/08_train.ipynb #3fc12193
 def _ckpt_step(p:Path) -> int:
     try: return int(p.name.split('-')[1])
     except (IndexError, ValueError): return -1
@@ -489,6 +506,7 @@ def resume_checkpoint(run_dir, # a run folder
                                         f"the bad ones were moved aside: remove the folder to train from scratch")
     return None, []
 
+# %% ../nbs/08_train.ipynb #fa3bec22
 def fold_family(config, # the fold's TrainConfig
                 train_set, # its training SliceSet
                ) -> dict:
@@ -508,6 +526,7 @@ def get_rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
+# %% ../nbs/08_train.ipynb #eb7a9ec3
 def set_rng_state(st:dict):
     "Restore what `get_rng_state` returned."
     torch.set_rng_state(st['torch'])
@@ -528,6 +547,7 @@ def resolve_device(device:str='auto', local_rank:int=0) -> torch.device:
         if dev.index is None: dev = torch.device('cuda', local_rank % torch.cuda.device_count())  # one visible GPU per process (SLURM) too
     return dev
 
+# %% ../nbs/08_train.ipynb #f0582340
 def dist_env() -> tuple:
     "(rank, world_size, local_rank) from an initialised process group or the torchrun environment."
     if dist.is_available() and dist.is_initialized():
@@ -552,6 +572,7 @@ def fit_optimizer_state(opt:torch.optim.Optimizer, # an optimizer just after `lo
                 st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # channels_last moments for channels_last weights, and back
     return opt
 
+# %% ../nbs/08_train.ipynb #0fbf9382
 def set_deterministic(on:bool) -> dict:
     "CUDA kernel choice: deterministic (cuDNN deterministic, no benchmark, torch deterministic algorithms) or fast. Returns the old settings."
     old = dict(benchmark=torch.backends.cudnn.benchmark, deterministic=torch.backends.cudnn.deterministic,
@@ -605,7 +626,7 @@ def init_from_weights(model, # the freshly built UNet to fill
     except RuntimeError as e: raise ValueError(f"init_weights: {p} does not fit this UNet ({e})") from e
     return hashlib.sha256(data).hexdigest()
 
-# %% ../nbs/08_train.ipynb #e3114b03
+# %% ../nbs/08_train.ipynb #e410959a
 _RUNTIME_KEYS = {'device', 'num_workers', 'max_steps', 'log_every', 'checkpoint_every', 'data_root', 'cache_dir',
                  'train_data', 'val_data', 'mixed_precision', 'channels_last', 'allow_tf32', 'deterministic', 'compile'}
 
@@ -622,6 +643,7 @@ def saved_config_diff(run_dir, # a run folder (may not exist yet)
     return {f.name: (getattr(old, f.name), getattr(config, f.name)) for f in fields(TrainConfig)
             if f.name not in _RUNTIME_KEYS and getattr(old, f.name) != getattr(config, f.name)}
 
+# %% ../nbs/08_train.ipynb #da0813fa
 def _seed_everything(seed:int):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
@@ -649,342 +671,382 @@ class Trainer:
         except BaseException:
             self._close(); raise
 
-    # -- setup --------------------------------------------------------------------------------------------------
-    def _setup(self, out_dir, resume):
-        cfg, cuda = self.config, self.device.type == 'cuda'
-        for k in ('batch_size', 'val_batch_size'):
-            if getattr(cfg, k) % self.world:
-                raise ValueError(f"{k}={getattr(cfg, k)} (a global size) is not divisible by the world size {self.world}")
-        if cuda:
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32' if cfg.allow_tf32 else 'ieee'
-            set_deterministic(cfg.deterministic)
-        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.mixed_precision) if cuda else None
-        self.channels_last = cuda and cfg.channels_last
-        self.run_dir = run_dir_for(cfg, out_dir).absolute()
-        _seed_everything(cfg.seed)  # as the official accelerate.set_seed
-        # data (rank 0 first, so a dataset cache is built once)
-        if self.rank != 0: self._barrier()
-        self.train_set, self.val_set = self._load_data()
-        if self.rank == 0: self._barrier()
-        imgs = self.train_set.images
-        self.img_channels, self.image_size, self.modality = int(imgs.shape[1]), tuple(int(s) for s in imgs.shape[2:]), self.train_set.modality
-        if tuple(self.val_set.images.shape[1:]) != tuple(imgs.shape[1:]) or self.val_set.modality != self.modality:
-            raise ValueError(f"train and val slices differ: {tuple(imgs.shape[1:])} {self.modality} vs "
-                             f"{tuple(self.val_set.images.shape[1:])} {self.val_set.modality}")
-        self.sched = NoiseSchedule()
-        train_ids, val_ids = fold_tasks(cfg.fold)
-        if cfg.train_tasks is not None: train_ids = tuple(cfg.train_tasks)
-        has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
-        self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
-                                    self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
-        vimgs = self.val_set.images
-        self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
-                                  self.modality, cfg.seed, cfg.noise_offset, self.sched, 1, 'per-sample')
-        n_val = len(vimgs)
-        self.val_idx = (np.unique(np.linspace(0, n_val - 1, cfg.val_max_samples).round().astype(int)).tolist()
-                        if cfg.val_max_samples and cfg.val_max_samples < n_val else list(range(n_val)))
-        self._val_cache = None
-        # model, EMA, optimizer (same initial weights on every rank)
-        torch.manual_seed(cfg.seed)
-        self.model = build_unet(cfg.unet, self.img_channels, **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
-        init = base_weights(base_kind(self.modality)) if cfg.init_weights == 'base' else cfg.init_weights
-        self.init_digest = init_from_weights(self.model, init) if init else None
-        self.model = self.model.to(self.device)
-        if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, cfg.ema_max_decay)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                     eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
-        self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
-        self._checked = False  # the first training batch is validated in full, later ones are trusted
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
-        self.stopper = MovingAverageEarlyStopper(cfg.ma_alpha, cfg.patience)
-        self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
-        self._signal = False
-        # the run folder: resume or start
-        if self.rank == 0: self._lock = FolderLock(self.run_dir, 'fold run folder').acquire()  # one writer per run folder
-        ck_latest = self.run_dir / 'checkpoints' / 'latest'
-        self.recovered = []
-        if ck_latest.exists() or ck_latest.is_symlink():
-            if not resume: raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True to continue it, or use another out_dir")
-            self._check_same_run()
-            ck, self.recovered = resume_checkpoint(self.run_dir, quarantine_bad=self.rank == 0)
-            if ck is not None: self.load_state(ck)
-        self.net = self.model
-        if self.world > 1:
-            self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-        if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
+# %% ../nbs/08_train.ipynb #c44d8e2e
+@patch
+def _setup(self:Trainer, out_dir, resume):
+    cfg, cuda = self.config, self.device.type == 'cuda'
+    for k in ('batch_size', 'val_batch_size'):
+        if getattr(cfg, k) % self.world:
+            raise ValueError(f"{k}={getattr(cfg, k)} (a global size) is not divisible by the world size {self.world}")
+    if cuda:
+        torch.cuda.set_device(self.device)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32' if cfg.allow_tf32 else 'ieee'
+        set_deterministic(cfg.deterministic)
+    self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.mixed_precision) if cuda else None
+    self.channels_last = cuda and cfg.channels_last
+    self.run_dir = run_dir_for(cfg, out_dir).absolute()
+    _seed_everything(cfg.seed)  # as the official accelerate.set_seed
+    # data (rank 0 first, so a dataset cache is built once)
+    if self.rank != 0: self._barrier()
+    self.train_set, self.val_set = self._load_data()
+    if self.rank == 0: self._barrier()
+    imgs = self.train_set.images
+    self.img_channels, self.image_size, self.modality = int(imgs.shape[1]), tuple(int(s) for s in imgs.shape[2:]), self.train_set.modality
+    if tuple(self.val_set.images.shape[1:]) != tuple(imgs.shape[1:]) or self.val_set.modality != self.modality:
+        raise ValueError(f"train and val slices differ: {tuple(imgs.shape[1:])} {self.modality} vs "
+                         f"{tuple(self.val_set.images.shape[1:])} {self.val_set.modality}")
+    self.sched = NoiseSchedule()
+    train_ids, val_ids = fold_tasks(cfg.fold)
+    if cfg.train_tasks is not None: train_ids = tuple(cfg.train_tasks)
+    has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
+    self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
+                                self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
+    vimgs = self.val_set.images
+    self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
+                              self.modality, cfg.seed, cfg.noise_offset, self.sched, 1, 'per-sample')
+    n_val = len(vimgs)
+    self.val_idx = (np.unique(np.linspace(0, n_val - 1, cfg.val_max_samples).round().astype(int)).tolist()
+                    if cfg.val_max_samples and cfg.val_max_samples < n_val else list(range(n_val)))
+    self._val_cache = None
+    # model, EMA, optimizer (same initial weights on every rank)
+    torch.manual_seed(cfg.seed)
+    self.model = build_unet(cfg.unet, self.img_channels, **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
+    init = base_weights(base_kind(self.modality)) if cfg.init_weights == 'base' else cfg.init_weights
+    self.init_digest = init_from_weights(self.model, init) if init else None
+    self.model = self.model.to(self.device)
+    if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
+    self.ema = EMA(self.model, cfg.ema_max_decay)
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                 eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
+    self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
+    self._checked = False  # the first training batch is validated in full, later ones are trusted
+    self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+    self.stopper = MovingAverageEarlyStopper(cfg.ma_alpha, cfg.patience)
+    self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
+    self._signal = False
+    # the run folder: resume or start
+    if self.rank == 0: self._lock = FolderLock(self.run_dir, 'fold run folder').acquire()  # one writer per run folder
+    ck_latest = self.run_dir / 'checkpoints' / 'latest'
+    self.recovered = []
+    if ck_latest.exists() or ck_latest.is_symlink():
+        if not resume: raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True to continue it, or use another out_dir")
+        self._check_same_run()
+        ck, self.recovered = resume_checkpoint(self.run_dir, quarantine_bad=self.rank == 0)
+        if ck is not None: self.load_state(ck)
+    self.net = self.model
+    if self.world > 1:
+        self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+    if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
+    if self.rank == 0:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(self.run_dir / 'config.json')
+        self._truncate_log()
+        self._write_run_json('running')
+    self._barrier()
+
+# %% ../nbs/08_train.ipynb #abffaba6
+@patch
+def _load_data(self:Trainer):
+    cfg = self.config
+    def one(path, split):
+        if path is not None: return load_sliceset(path)
+        return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir,
+                           progress=self.progress and self.rank == 0, **({} if cfg.image_size is None else dict(size=cfg.image_size)))
+    tr, va = one(cfg.train_data, 'train'), one(cfg.val_data, 'val')
+    for ss, what in ((tr, 'training'), (va, 'validation')):
+        if len(ss) == 0: raise ValueError(f"the {what} set {ss.name!r} is empty")
+    return tr, va
+
+# %% ../nbs/08_train.ipynb #3928c37f
+@patch
+def _check_same_run(self:Trainer):
+    diff = saved_config_diff(self.run_dir, self.config)
+    if diff: raise ValueError(f"{self.run_dir} holds a run with a different config {diff} (saved vs given); "
+                              f"only {sorted(_RUNTIME_KEYS)} may change when resuming. Use another out_dir.")
+
+# %% ../nbs/08_train.ipynb #88a12b6d
+@patch
+def _barrier(self:Trainer):
+    if self.world > 1 and dist.is_initialized(): dist.barrier()
+
+# %% ../nbs/08_train.ipynb #fb9d3f47
+@patch
+def _close(self:Trainer):
+    if self._own_pg and dist.is_initialized(): dist.destroy_process_group()
+    self._own_pg = False
+    if getattr(self, '_lock', None) is not None: self._lock.release(); self._lock = None
+
+# %% ../nbs/08_train.ipynb #5070c4ad
+@patch
+def _forward(self:Trainer, net):
+    "model_fn(x_t, t, cond) for `diffusion_loss`: autocast and memory format on CUDA, fp32 output (as accelerate)."
+    amp, cl = self.amp_dtype, self.channels_last
+    def fn(x_t, t, cond):
+        if cl: x_t, cond = x_t.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
+        if amp is None: return net(x_t, t, cond).float()
+        with torch.autocast(self.device.type, dtype=amp): out = net(x_t, t, cond)
+        return out.float()
+    return fn
+
+# %% ../nbs/08_train.ipynb #9edb3ed6
+@patch
+def _to_device(self:Trainer, batch):
+    return [batch[k].to(self.device, non_blocking=True) for k in ('x0', 'cond', 'noise', 't')]
+
+# %% ../nbs/08_train.ipynb #4e74f933
+@patch
+def train_loader(self:Trainer) -> DataLoader:
+    "This rank's loader over the training stream, from the current stream position."
+    cfg = self.config
+    sampler = StreamSampler(len(self.train_ds), cfg.batch_size, cfg.seed, self.rank, self.world, self.data_pos)
+    return make_loader(self.train_ds, sampler, cfg.batch_size // self.world, cfg.num_workers, cfg.seed, self.rank,
+                       pin_memory=self.device.type == 'cuda')
+
+# %% ../nbs/08_train.ipynb #75a4c452
+@patch
+def train_step(self:Trainer, batch:dict) -> torch.Tensor:
+    "One optimisation step on `batch` (this rank's share); returns the (detached) loss."
+    cfg = self.config
+    x0, cond, noise, t = self._to_device(batch)
+    loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
+                          prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                          check=not self._checked)
+    self._checked = True  # the loader makes every batch alike: no per-step NaN scans or timestep syncs after the first
+    self.opt.zero_grad(set_to_none=True)
+    if self.scaler is not None:
+        self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
+    else: loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+    if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
+    else: self.opt.step()
+    self.ema.update(self.model)
+    return loss.detach()
+
+# %% ../nbs/08_train.ipynb #a0fc3455
+@patch
+@torch.no_grad()
+def validate(self:Trainer) -> float:
+    "Mean Min-SNR ε-loss of the EMA weights over the validation slices (held-out tasks), all ranks together."
+    cfg = self.config
+    epoch = 0 if cfg.seeded_validation else self.step
+    keys = [(epoch, i) for i in self.val_idx[self.rank::self.world]]
+    if self._val_cache is not None: batches = self._val_cache
+    else:
+        batches = make_loader(self.val_ds, keys, cfg.val_batch_size // self.world, cfg.num_workers, cfg.seed, self.rank)
+        if cfg.seeded_validation: batches = self._val_cache = list(batches)
+    backup = [p.detach().clone() for p in self.model.parameters()]
+    self.ema.copy_to(self.model); self.model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+    try:
+        for batch in batches:
+            x0, cond, noise, t = self._to_device(batch)
+            per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
+                                 prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                                 check=False)  # batches from the validated val set
+            tot[0] += per.double().sum(); tot[1] += per.numel()
+    finally:
+        for p, b in zip(self.model.parameters(), backup): p.copy_(b)
+        self.model.train()
+    if self.world > 1: dist.all_reduce(tot)
+    return (tot[0] / tot[1]).item()
+
+# %% ../nbs/08_train.ipynb #a0407f4a
+@patch
+def _model_meta(self:Trainer) -> dict:
+    if getattr(self, '_family', None) is None: self._family = fold_family(self.config, self.train_set)
+    return dict(model_config=_jsonable(self.model.config), img_channels=self.img_channels,
+                image_size=list(self.image_size), modality=self.modality, family=self._family)
+
+# %% ../nbs/08_train.ipynb #aa4e22ba
+@patch
+def save(self:Trainer, best:bool=False):
+    "Save a checkpoint (rank 0) tagged `latest`, and `best` too if `best`."
+    if self.rank == 0:
+        st_meta = {'model_config': json.dumps(_jsonable(self.model.config)), 'step': str(self.step)}
+        weights = _st_save({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata=st_meta)
+        ema = _st_save({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
+                       metadata={**st_meta, 'ema_step': str(self.ema.step)})
+        state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+                     step=self.step, data_pos=self.data_pos, ema_step=self.ema.step, stopper=self.stopper.state_dict(),
+                     rng=get_rng_state(), wall_s=self.wall_s, stop_reason=self.stop_reason, world_size=self.world,
+                     config=self.config.to_dict())
+        buf = io.BytesIO(); torch.save(state, buf)
+        meta = dict(step=self.step, **self._model_meta(), val_loss_ma=self.stopper.ma, best_val_loss_ma=self.stopper.best
+                    if math.isfinite(self.stopper.best) else None, best_step=self.stopper.best_step, stop_reason=self.stop_reason)
+        files = {'model.safetensors': weights, 'ema.safetensors': ema, 'state.pt': buf.getvalue()}
+        meta['files_sha256'] = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}  # checked on every load
+        save_checkpoint(self.run_dir / 'checkpoints', self.step, {**files, 'meta.json': json.dumps(meta, indent=1).encode()},
+                        tags=('latest', 'best') if best else ('latest',))
+        self._plot()
+    self._barrier()
+
+# %% ../nbs/08_train.ipynb #9c62e2e9
+@patch
+def load_state(self:Trainer, ck:Path):
+    "Restore everything from checkpoint folder `ck` (all ranks)."
+    meta = json.loads((ck / 'meta.json').read_text())
+    _check_compatible(meta, self.model, ck)
+    try:
+        self.model.load_state_dict(_st_load((ck / 'model.safetensors').read_bytes()))
+        st = torch.load(ck / 'state.pt', map_location='cpu', weights_only=True)
+        self.ema.load_state_dict(_st_load((ck / 'ema.safetensors').read_bytes()), st['ema_step'])
+        self.opt.load_state_dict(st['optimizer'])
+        fit_optimizer_state(self.opt, self._opt_flags)  # this device's fused/foreach flags, moments strided like the weights
+    except (RuntimeError, KeyError) as e: raise ValueError(f"incompatible or corrupt checkpoint {ck}: {e}") from e
+    if self.scaler is not None and st['scaler'] is not None: self.scaler.load_state_dict(st['scaler'])
+    self.step, self.data_pos, self.wall_s, self.stop_reason = st['step'], st['data_pos'], st['wall_s'], st['stop_reason']
+    self.stopper.load_state_dict(st['stopper'])
+    set_rng_state(st['rng'])
+
+# %% ../nbs/08_train.ipynb #23ce3845
+@patch
+def _log(self:Trainer, rec:dict):
+    if self.rank != 0: return
+    with open(self.run_dir / 'log.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+
+# %% ../nbs/08_train.ipynb #de4de829
+@patch
+def _truncate_log(self:Trainer):
+    "Drop log lines written after the checkpoint we resume from (they will be written again)."
+    p = self.run_dir / 'log.jsonl'
+    if not p.exists(): return
+    keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= self.step]
+    _atomic_bytes(p, ''.join(l + '\n' for l in keep).encode())
+
+# %% ../nbs/08_train.ipynb #bb92a43e
+@patch
+def _plot(self:Trainer):
+    try:
+        fig = plot_losses(self.run_dir)
+        tmp = self.run_dir / f".loss.{uuid.uuid4().hex[:8]}.png"
+        fig.savefig(tmp, dpi=100); os.replace(tmp, self.run_dir / 'loss.png')
+    except (ValueError, FileNotFoundError): pass  # nothing logged yet
+
+# %% ../nbs/08_train.ipynb #fea52277
+@patch
+def _write_run_json(self:Trainer, status:str, reason:str|None=None):
+    prov = provenance(self.device)
+    dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
+    info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
+                best_step=self.stopper.best_step, best_val_loss_ma=self.stopper.best if math.isfinite(self.stopper.best) else None,
+                weights_sha256=getattr(self, '_digests', None), init_weights=self.config.init_weights,
+                init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
+                git_commit=prov['commit'], versions=prov['versions'], platform=prov['machine']['platform'], updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    if reason is not None: info['reason'] = reason
+    if getattr(self, 'recovered', None): info['recovered'] = self.recovered
+    _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
+
+# %% ../nbs/08_train.ipynb #462d7ea8
+@patch
+def _install_signals(self:Trainer):
+    self._old_handlers = {}
+    if threading.current_thread() is not threading.main_thread(): return
+    def handler(signum, frame):
+        self._signal = True
+        signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))  # a second signal acts at once
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try: self._old_handlers[s] = signal.signal(s, handler)
+        except (ValueError, OSError): pass
+
+# %% ../nbs/08_train.ipynb #e5222b42
+@patch
+def _restore_signals(self:Trainer):
+    for s, h in getattr(self, '_old_handlers', {}).items():
+        try: signal.signal(s, h)
+        except (ValueError, OSError, TypeError): pass
+    self._old_handlers = {}
+
+# %% ../nbs/08_train.ipynb #30b09ef2
+@patch
+def _interrupted(self:Trainer, sync:bool) -> bool:
+    if self.world == 1: return self._signal
+    if not sync: return False
+    flag = torch.tensor([1.0 if self._signal else 0.0], device=self.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+# %% ../nbs/08_train.ipynb #281af134
+@patch
+def fit(self:Trainer) -> Path:
+    "Train until `max_steps` or early stopping; returns the run folder."
+    self._install_signals()
+    try: return self._fit()
+    except Exception as e:  # a crash: run.json says so, with the reason (an interruption says 'interrupted')
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.to_json(self.run_dir / 'config.json')
-            self._truncate_log()
-            self._write_run_json('running')
-        self._barrier()
+            try: self._write_run_json('failed', reason=f"{type(e).__name__}: {e}")
+            except OSError: pass
+        raise
+    finally:
+        self._restore_signals(); self._close()
 
-    def _load_data(self):
-        cfg = self.config
-        def one(path, split):
-            if path is not None: return load_sliceset(path)
-            return get_dataset(cfg.dataset, split, sequence=cfg.sequence, root=cfg.data_root, seed=cfg.data_seed, cache_dir=cfg.cache_dir,
-                               progress=self.progress and self.rank == 0, **({} if cfg.image_size is None else dict(size=cfg.image_size)))
-        tr, va = one(cfg.train_data, 'train'), one(cfg.val_data, 'val')
-        for ss, what in ((tr, 'training'), (va, 'validation')):
-            if len(ss) == 0: raise ValueError(f"the {what} set {ss.name!r} is empty")
-        return tr, va
-
-    def _check_same_run(self):
-        diff = saved_config_diff(self.run_dir, self.config)
-        if diff: raise ValueError(f"{self.run_dir} holds a run with a different config {diff} (saved vs given); "
-                                  f"only {sorted(_RUNTIME_KEYS)} may change when resuming. Use another out_dir.")
-
-    # -- helpers ------------------------------------------------------------------------------------------------
-    def _barrier(self):
-        if self.world > 1 and dist.is_initialized(): dist.barrier()
-
-    def _close(self):
-        if self._own_pg and dist.is_initialized(): dist.destroy_process_group()
-        self._own_pg = False
-        if getattr(self, '_lock', None) is not None: self._lock.release(); self._lock = None
-
-    def _forward(self, net):
-        "model_fn(x_t, t, cond) for `diffusion_loss`: autocast and memory format on CUDA, fp32 output (as accelerate)."
-        amp, cl = self.amp_dtype, self.channels_last
-        def fn(x_t, t, cond):
-            if cl: x_t, cond = x_t.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
-            if amp is None: return net(x_t, t, cond).float()
-            with torch.autocast(self.device.type, dtype=amp): out = net(x_t, t, cond)
-            return out.float()
-        return fn
-
-    def _to_device(self, batch):
-        return [batch[k].to(self.device, non_blocking=True) for k in ('x0', 'cond', 'noise', 't')]
-
-    def train_loader(self) -> DataLoader:
-        "This rank's loader over the training stream, from the current stream position."
-        cfg = self.config
-        sampler = StreamSampler(len(self.train_ds), cfg.batch_size, cfg.seed, self.rank, self.world, self.data_pos)
-        return make_loader(self.train_ds, sampler, cfg.batch_size // self.world, cfg.num_workers, cfg.seed, self.rank,
-                           pin_memory=self.device.type == 'cuda')
-
-    # -- one step, one validation -------------------------------------------------------------------------------
-    def train_step(self, batch:dict) -> torch.Tensor:
-        "One optimisation step on `batch` (this rank's share); returns the (detached) loss."
-        cfg = self.config
-        x0, cond, noise, t = self._to_device(batch)
-        loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
-                              prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
-                              check=not self._checked)
-        self._checked = True  # the loader makes every batch alike: no per-step NaN scans or timestep syncs after the first
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
-        else: loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
-        else: self.opt.step()
-        self.ema.update(self.model)
-        return loss.detach()
-
-    @torch.no_grad()
-    def validate(self) -> float:
-        "Mean Min-SNR ε-loss of the EMA weights over the validation slices (held-out tasks), all ranks together."
-        cfg = self.config
-        epoch = 0 if cfg.seeded_validation else self.step
-        keys = [(epoch, i) for i in self.val_idx[self.rank::self.world]]
-        if self._val_cache is not None: batches = self._val_cache
-        else:
-            batches = make_loader(self.val_ds, keys, cfg.val_batch_size // self.world, cfg.num_workers, cfg.seed, self.rank)
-            if cfg.seeded_validation: batches = self._val_cache = list(batches)
-        backup = [p.detach().clone() for p in self.model.parameters()]
-        self.ema.copy_to(self.model); self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        try:
-            for batch in batches:
-                x0, cond, noise, t = self._to_device(batch)
-                per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
-                                     prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
-                                     check=False)  # batches from the validated val set
-                tot[0] += per.double().sum(); tot[1] += per.numel()
-        finally:
-            for p, b in zip(self.model.parameters(), backup): p.copy_(b)
-            self.model.train()
-        if self.world > 1: dist.all_reduce(tot)
-        return (tot[0] / tot[1]).item()
-
-    # -- checkpoints --------------------------------------------------------------------------------------------
-    def _model_meta(self) -> dict:
-        if getattr(self, '_family', None) is None: self._family = fold_family(self.config, self.train_set)
-        return dict(model_config=_jsonable(self.model.config), img_channels=self.img_channels,
-                    image_size=list(self.image_size), modality=self.modality, family=self._family)
-
-    def save(self, best:bool=False):
-        "Save a checkpoint (rank 0) tagged `latest`, and `best` too if `best`."
-        if self.rank == 0:
-            st_meta = {'model_config': json.dumps(_jsonable(self.model.config)), 'step': str(self.step)}
-            weights = _st_save({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata=st_meta)
-            ema = _st_save({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
-                           metadata={**st_meta, 'ema_step': str(self.ema.step)})
-            state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
-                         step=self.step, data_pos=self.data_pos, ema_step=self.ema.step, stopper=self.stopper.state_dict(),
-                         rng=get_rng_state(), wall_s=self.wall_s, stop_reason=self.stop_reason, world_size=self.world,
-                         config=self.config.to_dict())
-            buf = io.BytesIO(); torch.save(state, buf)
-            meta = dict(step=self.step, **self._model_meta(), val_loss_ma=self.stopper.ma, best_val_loss_ma=self.stopper.best
-                        if math.isfinite(self.stopper.best) else None, best_step=self.stopper.best_step, stop_reason=self.stop_reason)
-            files = {'model.safetensors': weights, 'ema.safetensors': ema, 'state.pt': buf.getvalue()}
-            meta['files_sha256'] = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}  # checked on every load
-            save_checkpoint(self.run_dir / 'checkpoints', self.step, {**files, 'meta.json': json.dumps(meta, indent=1).encode()},
-                            tags=('latest', 'best') if best else ('latest',))
-            self._plot()
-        self._barrier()
-
-    def load_state(self, ck:Path):
-        "Restore everything from checkpoint folder `ck` (all ranks)."
-        meta = json.loads((ck / 'meta.json').read_text())
-        _check_compatible(meta, self.model, ck)
-        try:
-            self.model.load_state_dict(_st_load((ck / 'model.safetensors').read_bytes()))
-            st = torch.load(ck / 'state.pt', map_location='cpu', weights_only=True)
-            self.ema.load_state_dict(_st_load((ck / 'ema.safetensors').read_bytes()), st['ema_step'])
-            self.opt.load_state_dict(st['optimizer'])
-            fit_optimizer_state(self.opt, self._opt_flags)  # this device's fused/foreach flags, moments strided like the weights
-        except (RuntimeError, KeyError) as e: raise ValueError(f"incompatible or corrupt checkpoint {ck}: {e}") from e
-        if self.scaler is not None and st['scaler'] is not None: self.scaler.load_state_dict(st['scaler'])
-        self.step, self.data_pos, self.wall_s, self.stop_reason = st['step'], st['data_pos'], st['wall_s'], st['stop_reason']
-        self.stopper.load_state_dict(st['stopper'])
-        set_rng_state(st['rng'])
-
-    # -- logging ------------------------------------------------------------------------------------------------
-    def _log(self, rec:dict):
-        if self.rank != 0: return
-        with open(self.run_dir / 'log.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
-
-    def _truncate_log(self):
-        "Drop log lines written after the checkpoint we resume from (they will be written again)."
-        p = self.run_dir / 'log.jsonl'
-        if not p.exists(): return
-        keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= self.step]
-        _atomic_bytes(p, ''.join(l + '\n' for l in keep).encode())
-
-    def _plot(self):
-        try:
-            fig = plot_losses(self.run_dir)
-            tmp = self.run_dir / f".loss.{uuid.uuid4().hex[:8]}.png"
-            fig.savefig(tmp, dpi=100); os.replace(tmp, self.run_dir / 'loss.png')
-        except (ValueError, FileNotFoundError): pass  # nothing logged yet
-
-    def _write_run_json(self, status:str, reason:str|None=None):
-        prov = provenance(self.device)
-        dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
-        info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
-                    best_step=self.stopper.best_step, best_val_loss_ma=self.stopper.best if math.isfinite(self.stopper.best) else None,
-                    weights_sha256=getattr(self, '_digests', None), init_weights=self.config.init_weights,
-                    init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
-                    git_commit=prov['commit'], versions=prov['versions'], platform=prov['machine']['platform'], updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
-        if reason is not None: info['reason'] = reason
-        if getattr(self, 'recovered', None): info['recovered'] = self.recovered
-        _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
-
-    # -- signals ------------------------------------------------------------------------------------------------
-    def _install_signals(self):
-        self._old_handlers = {}
-        if threading.current_thread() is not threading.main_thread(): return
-        def handler(signum, frame):
-            self._signal = True
-            signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))  # a second signal acts at once
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try: self._old_handlers[s] = signal.signal(s, handler)
-            except (ValueError, OSError): pass
-
-    def _restore_signals(self):
-        for s, h in getattr(self, '_old_handlers', {}).items():
-            try: signal.signal(s, h)
-            except (ValueError, OSError, TypeError): pass
-        self._old_handlers = {}
-
-    def _interrupted(self, sync:bool) -> bool:
-        if self.world == 1: return self._signal
-        if not sync: return False
-        flag = torch.tensor([1.0 if self._signal else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    # -- the loop -----------------------------------------------------------------------------------------------
-    def fit(self) -> Path:
-        "Train until `max_steps` or early stopping; returns the run folder."
-        self._install_signals()
-        try: return self._fit()
-        except Exception as e:  # a crash: run.json says so, with the reason (an interruption says 'interrupted')
-            if self.rank == 0:
-                try: self._write_run_json('failed', reason=f"{type(e).__name__}: {e}")
-                except OSError: pass
-            raise
-        finally:
-            self._restore_signals(); self._close()
-
-    def _fit(self) -> Path:
-        cfg = self.config
-        if self.stop_reason == 'early_stop' or self.step >= cfg.max_steps:  # nothing left to do
-            self._check_ranks_agree()
-            if self.rank == 0: self._write_run_json('finished')
-            return self.run_dir
-        it = iter(self.train_loader())
-        t_wall = time.perf_counter() - self.wall_s
-        t_int, n_int, loss_int = time.perf_counter(), 0, torch.zeros((), device=self.device)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress or self.rank != 0, dynamic_ncols=True,
-                   desc=f"{self.run_dir.parent.parent.name}/{cfg.preset}/fold{cfg.fold}")
-        try:
-            while self.step < cfg.max_steps:
-                loss = self.train_step(next(it))
-                self.step += 1; self.data_pos += cfg.batch_size; n_int += 1; loss_int += loss
-                bar.update(1)
-                log_now = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
-                if log_now:
-                    mean = loss_int / n_int
-                    if self.world > 1: dist.all_reduce(mean); mean = mean / self.world
-                    dt = time.perf_counter() - t_int
-                    self.wall_s = time.perf_counter() - t_wall
-                    self._log(dict(step=self.step, loss=mean.item(), lr=self.opt.param_groups[0]['lr'],
-                                   images_per_s=n_int * cfg.batch_size / dt, wall_s=round(self.wall_s, 3)))
-                    bar.set_postfix(loss=f"{mean.item():.4f}")
-                    t_int, n_int, loss_int = time.perf_counter(), 0, torch.zeros((), device=self.device)
-                t_other, best = time.perf_counter(), False
-                if self.step >= cfg.val_start and self.step % cfg.val_every == 0:
-                    vl = self.validate()
-                    best, stop = self.stopper.update(vl, self.step)
-                    self._log(dict(step=self.step, val_loss=vl, val_loss_ma=self.stopper.ma, best=best,
-                                   wall_s=round(time.perf_counter() - t_wall, 3)))
-                    if stop and cfg.early_stopping_stops: self.stop_reason = 'early_stop'
-                    elif stop:  # the official behaviour: EMA weights leak into the model, a new epoch starts
-                        self.ema.copy_to(self.model)
-                        n = len(self.train_ds)
-                        if self.data_pos % n: self.data_pos = (self.data_pos // n + 1) * n
-                        it = iter(self.train_loader())
-                interrupted = self._interrupted(sync=log_now)
-                self.wall_s = time.perf_counter() - t_wall
-                if best or interrupted or self.stop_reason or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                    self.save(best)
-                t_int += time.perf_counter() - t_other  # validation and checkpoint time do not count for images/s
-                if interrupted:
-                    if self.rank == 0: self._write_run_json('interrupted')
-                    raise KeyboardInterrupt(f"training interrupted at step {self.step}; `latest` saved; resume with resume=True")
-                if self.stop_reason: break
-        finally: bar.close()
-        if self.stop_reason is None: self.stop_reason = 'max_steps'
+# %% ../nbs/08_train.ipynb #35f7baf1
+@patch
+def _fit(self:Trainer) -> Path:
+    cfg = self.config
+    if self.stop_reason == 'early_stop' or self.step >= cfg.max_steps:  # nothing left to do
         self._check_ranks_agree()
-        if self.rank == 0:
-            self._write_run_json('finished'); self._plot()
-        self._barrier()
+        if self.rank == 0: self._write_run_json('finished')
         return self.run_dir
+    it = iter(self.train_loader())
+    t_wall = time.perf_counter() - self.wall_s
+    t_int, n_int, loss_int = time.perf_counter(), 0, torch.zeros((), device=self.device)
+    bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress or self.rank != 0, dynamic_ncols=True,
+               desc=f"{self.run_dir.parent.parent.name}/{cfg.preset}/fold{cfg.fold}")
+    try:
+        while self.step < cfg.max_steps:
+            loss = self.train_step(next(it))
+            self.step += 1; self.data_pos += cfg.batch_size; n_int += 1; loss_int += loss
+            bar.update(1)
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+            if log_now:
+                mean = loss_int / n_int
+                if self.world > 1: dist.all_reduce(mean); mean = mean / self.world
+                dt = time.perf_counter() - t_int
+                self.wall_s = time.perf_counter() - t_wall
+                self._log(dict(step=self.step, loss=mean.item(), lr=self.opt.param_groups[0]['lr'],
+                               images_per_s=n_int * cfg.batch_size / dt, wall_s=round(self.wall_s, 3)))
+                bar.set_postfix(loss=f"{mean.item():.4f}")
+                t_int, n_int, loss_int = time.perf_counter(), 0, torch.zeros((), device=self.device)
+            t_other, best = time.perf_counter(), False
+            if self.step >= cfg.val_start and self.step % cfg.val_every == 0:
+                vl = self.validate()
+                best, stop = self.stopper.update(vl, self.step)
+                self._log(dict(step=self.step, val_loss=vl, val_loss_ma=self.stopper.ma, best=best,
+                               wall_s=round(time.perf_counter() - t_wall, 3)))
+                if stop and cfg.early_stopping_stops: self.stop_reason = 'early_stop'
+                elif stop:  # the official behaviour: EMA weights leak into the model, a new epoch starts
+                    self.ema.copy_to(self.model)
+                    n = len(self.train_ds)
+                    if self.data_pos % n: self.data_pos = (self.data_pos // n + 1) * n
+                    it = iter(self.train_loader())
+            interrupted = self._interrupted(sync=log_now)
+            self.wall_s = time.perf_counter() - t_wall
+            if best or interrupted or self.stop_reason or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save(best)
+            t_int += time.perf_counter() - t_other  # validation and checkpoint time do not count for images/s
+            if interrupted:
+                if self.rank == 0: self._write_run_json('interrupted')
+                raise KeyboardInterrupt(f"training interrupted at step {self.step}; `latest` saved; resume with resume=True")
+            if self.stop_reason: break
+    finally: bar.close()
+    if self.stop_reason is None: self.stop_reason = 'max_steps'
+    self._check_ranks_agree()
+    if self.rank == 0:
+        self._write_run_json('finished'); self._plot()
+    self._barrier()
+    return self.run_dir
 
-    def _check_ranks_agree(self):
-        "Record the SHA-256 of the final weights (per rank under DDP) and fail loudly if the ranks diverged."
-        self._digests = [weights_digest(self.model.state_dict())]
-        if self.world > 1:
-            allg = [None] * self.world
-            dist.all_gather_object(allg, self._digests[0]); self._digests = allg
-            if len(set(allg)) != 1: raise RuntimeError(f"DDP ranks ended with different weights: {allg}")
+# %% ../nbs/08_train.ipynb #eaeed5a3
+@patch
+def _check_ranks_agree(self:Trainer):
+    "Record the SHA-256 of the final weights (per rank under DDP) and fail loudly if the ranks diverged."
+    self._digests = [weights_digest(self.model.state_dict())]
+    if self.world > 1:
+        allg = [None] * self.world
+        dist.all_gather_object(allg, self._digests[0]); self._digests = allg
+        if len(set(allg)) != 1: raise RuntimeError(f"DDP ranks ended with different weights: {allg}")
 
+# %% ../nbs/08_train.ipynb #059a13f9
 def weights_digest(state_dict:dict) -> str:
     "SHA-256 over the names and raw bytes of a state dict's tensors (in name order)."
     h = hashlib.sha256()
@@ -993,6 +1055,7 @@ def weights_digest(state_dict:dict) -> str:
         h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/08_train.ipynb #c8e42a4a
 def _check_compatible(meta:dict, model, ck):
     "Raise a ValueError if checkpoint `ck` (its `meta`) was not saved from a UNet built like `model`."
     have, want = meta.get('model_config'), _jsonable(model.config)
@@ -1017,6 +1080,7 @@ def read_log(run_dir) -> list:
     if not p.exists(): raise FileNotFoundError(f"no training log at {p}")
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
 
+# %% ../nbs/08_train.ipynb #7854bb27
 def plot_losses(run_dir, figsize=(6, 3.2)):
     "A matplotlib Figure (no pyplot state) of the training and validation losses of a run."
     recs = read_log(run_dir)
@@ -1085,6 +1149,7 @@ def base_kind(modality:str) -> str:
         if v['modality'] == modality: return k
     raise ValueError(f"no base model for modality {modality!r}")
 
+# %% ../nbs/08_train.ipynb #707f7a53
 def base_weights(kind:str, # 'mri' or 'rf'
                  weights_dir=None, # where the weights live (default: the package's `weights/`)
                 ) -> Path:
