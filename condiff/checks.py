@@ -94,22 +94,23 @@ def check_out_dir(name:str, p, create:bool=False) -> Path:
     return p
 
 # %% ../nbs/00a_checks.ipynb #83c29621
+def _check_exists(name:str, p, folder:bool) -> Path:
+    what = 'folder' if folder else 'file'
+    if p is None: raise BadInput(name, p, f'an existing {what}')
+    p = Path(p)
+    if not p.exists(): raise BadInput(name, str(p), f'an existing {what}', f'{what} not found')
+    if p.is_dir() != folder: raise BadInput(name, str(p), 'an existing folder' if folder else 'a file',
+                                            'it is a file, not a folder' if folder else 'it is a folder')
+    return p
+
 def check_in_dir(name:str, p) -> Path:
     "An existing folder to read from."
-    if p is None: raise BadInput(name, p, 'an existing folder')
-    p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing folder', 'folder not found')
-    if not p.is_dir(): raise BadInput(name, str(p), 'an existing folder', 'it is a file, not a folder')
-    return p
+    return _check_exists(name, p, folder=True)
 
 # %% ../nbs/00a_checks.ipynb #e647f455
 def check_in_file(name:str, p) -> Path:
     "An existing regular file to read."
-    if p is None: raise BadInput(name, p, 'an existing file')
-    p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing file', 'file not found')
-    if p.is_dir(): raise BadInput(name, str(p), 'a file', 'it is a folder')
-    return p
+    return _check_exists(name, p, folder=False)
 
 # %% ../nbs/00a_checks.ipynb #a33302eb
 _IPY_NAMES = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
