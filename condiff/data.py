@@ -606,7 +606,7 @@ def load_real(name:str,  # a real dataset: camcan, brats, atlas or ddr
     name = str(name).lower()
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     seq = None if sequence is None else str(sequence).lower()
-    if name not in REAL_DATASETS: raise ValueError(f"unknown real dataset {name!r}; known: {REAL_DATASETS}")
+    if name not in REAL_DATASETS: raise ValueError(f"unknown dataset {name!r} (real datasets: {REAL_DATASETS}; all: condiff.experiment.get_dataset)")
     pool = 'train' if split in ('train', 'val') else 'test'
     if pool not in _POOLS[name]:
         raise ValueError(f"{name} has no {split!r} split (it is a {'training' if pool == 'test' else 'test'} set)")
