@@ -593,6 +593,51 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     with FolderLock(cfg.runs, 'reproduce run folder'):  # one reproduce per run folder; each fold is locked by its trainer
         return _reproduce(cfg, progress, log)
 
+# %% ../nbs/11_pipeline.ipynb #5939ff74
+def _plan_training(cfg:ReproduceConfig, fams:dict, progress:bool) -> tuple: # ({family: its TrainConfig}, the training steps)
+    "Every fold's training step, and every dataset built (or loaded from the cache) once, before any worker needs it."
+    train_cfgs, tsteps = {}, []
+    for fam, ts_names in fams.items():
+        for f in cfg.folds:
+            tc = train_config(ts_names[0], f, cfg.preset, cfg.device, cfg.seed, cfg.max_steps, cfg.data_root,
+                              **{'data_seed': cfg.data_seed, **cfg.train_overrides})
+            tsteps.append(('train', dict(config=tc.to_dict(), runs=str(cfg.runs)), f"{fam}/fold{f}"))
+        train_cfgs[fam] = {**tc.to_dict(), 'fold': list(cfg.folds)}
+        if tc.train_data is None or tc.val_data is None:
+            for split in ('train', 'val'):  # the same call (data seed, size) as the Trainer's, so its cache is used
+                get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.data_seed, cache_dir=tc.cache_dir,
+                            progress=progress, **({} if tc.image_size is None else dict(size=tc.image_size)))
+    for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed, preset=cfg.preset, progress=progress)
+    return train_cfgs, tsteps
+
+def _ensemble_step(cfg:ReproduceConfig, t:str, progress:bool, say, skipped:dict):
+    "Ensemble the folds on test set `t` (skipped when stored), and say the result in one line."
+    before = _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json')
+    e = ensemble_folds(t, cfg.folds, cfg.preset, cfg.runs, progress, data_root=cfg.data_root, data_seed=cfg.data_seed,
+                       test_images=cfg.test_images)
+    if before is not None and before == _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json'): skipped['ensemble'].append(t)
+    q = e.get('restoration') or {}
+    say(f"ensemble {t} ({len(cfg.folds)} folds): AP_i {e['AP_i']:.3f} AUROC {e['AUROC']:.3f} "
+        f"AP_p {e['AP_p']:.3f} max_Dice {e['max_Dice']:.3f} (random AP_p {e.get('lesion_pixel_fraction') or float('nan'):.4f})"
+        + (f"; lesion removal {q['lesion_removal']:.3f}, healthy fidelity {q['healthy_fidelity']:.4f}" if q.get('lesion_removal') is not None else ''))
+
+def _manifest(cfg:ReproduceConfig, prov:dict, progress:bool, wall_s:float, stages:dict, skipped:dict, jobs:int, threads, devices:list,
+              batched:bool, train_cfgs:dict, outputs:list) -> dict:
+    "What `reproduce` made and how: config, seeds, stage times, skipped steps, results, machine and versions."
+    results = {r.testset: dict(ensemble=r.ensemble, random=r.random, intensity_control=r.control, n_images=r.n_images,
+                               folds={str(f): m for f, m in r.folds.items()}, restoration=r.to_dict()['restoration'])
+               for r in collect_results(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, data_root=cfg.data_root,
+                                        data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)}
+    return dict(command='condiff reproduce', commit=prov['commit'], created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                wall_s=wall_s, stage_wall_s=stages, skipped=skipped,
+                resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices, batched_folds=batched,
+                train_configs=train_cfgs,
+                seeds=dict(train=cfg.seed, sampling=cfg.eval_seed, phantom_data=cfg.data_seed,
+                           note='training seed = TrainConfig.seed of every fold; each test slice i is sampled with '
+                                'condiff.inference.slice_seed(sampling, id_i)'),
+                data='phantom' if all(TESTSETS[t].data == 'phantom' for t in cfg.testsets) else 'real',
+                results=results, outputs=sorted(str(p) for p in outputs), machine=prov['machine'], versions=prov['versions'])
+
 # %% ../nbs/11_pipeline.ipynb #39a908e6
 def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
     say = log or (lambda *a, **k: None)
@@ -611,18 +656,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
     try:
         # 0. build (or load from cache) every dataset once, before any worker needs it
         ts0 = time.perf_counter()
-        train_cfgs, tsteps = {}, []
-        for fam, ts_names in fams.items():
-            for f in cfg.folds:
-                tc = train_config(ts_names[0], f, cfg.preset, cfg.device, cfg.seed, cfg.max_steps, cfg.data_root,
-                                  **{'data_seed': cfg.data_seed, **cfg.train_overrides})
-                tsteps.append(('train', dict(config=tc.to_dict(), runs=str(cfg.runs)), f"{fam}/fold{f}"))
-            train_cfgs[fam] = {**tc.to_dict(), 'fold': list(cfg.folds)}
-            if tc.train_data is None or tc.val_data is None:
-                for split in ('train', 'val'):  # the same call (data seed, size) as the Trainer's, so its cache is used
-                    get_dataset(tc.dataset, split, sequence=tc.sequence, root=tc.data_root, seed=tc.data_seed, cache_dir=tc.cache_dir,
-                                progress=progress, **({} if tc.image_size is None else dict(size=tc.image_size)))
-        for t in cfg.testsets: load_testset(t, cfg.data_root, cfg.data_seed, preset=cfg.preset, progress=progress)
+        train_cfgs, tsteps = _plan_training(cfg, fams, progress)
         stage('data', ts0); bar.update(1)
         # 1. train every fold of every family
         ts0 = time.perf_counter()
@@ -655,16 +689,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
         stage('evaluate', ts0)
         # 3. the ensembles
         ts0 = time.perf_counter()
-        for t in cfg.testsets:
-            before = _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json')
-            e = ensemble_folds(t, cfg.folds, cfg.preset, cfg.runs, progress, data_root=cfg.data_root, data_seed=cfg.data_seed,
-                               test_images=cfg.test_images)
-            if before is not None and before == _mtime(ensemble_dir(cfg.runs, t, cfg.preset) / 'metrics.json'): skipped['ensemble'].append(t)
-            q = e.get('restoration') or {}
-            say(f"ensemble {t} ({len(cfg.folds)} folds): AP_i {e['AP_i']:.3f} AUROC {e['AUROC']:.3f} "
-                f"AP_p {e['AP_p']:.3f} max_Dice {e['max_Dice']:.3f} (random AP_p {e.get('lesion_pixel_fraction') or float('nan'):.4f})"
-                + (f"; lesion removal {q['lesion_removal']:.3f}, healthy fidelity {q['healthy_fidelity']:.4f}" if q.get('lesion_removal') is not None else ''))
-            bar.update(1)
+        for t in cfg.testsets: _ensemble_step(cfg, t, progress, say, skipped); bar.update(1)
         stage('ensemble', ts0)
         # 4. Table 1 and Figure 3
         prov = provenance(cfg.device); commit = prov['commit']
@@ -678,20 +703,8 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
         stage('figure3', ts0); bar.update(1); say(f"figure 3: {', '.join(str(p) for p in fig.values())}")
     finally: bar.close()
     skipped['train'].sort(key=lambda l: [x for _, _, x in tsteps].index(l))
-    results = {r.testset: dict(ensemble=r.ensemble, random=r.random, intensity_control=r.control, n_images=r.n_images,
-                               folds={str(f): m for f, m in r.folds.items()}, restoration=r.to_dict()['restoration'])
-               for r in collect_results(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, data_root=cfg.data_root,
-                                        data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)}
-    man = dict(command='condiff reproduce', commit=commit, created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-               wall_s=round(time.perf_counter() - t0, 1), stage_wall_s=stages, skipped=skipped,
-               resumed=any(skipped.values()), config=cfg.to_dict(), jobs=jobs, threads_per_job=threads, job_devices=devices, batched_folds=batched,
-               train_configs=train_cfgs,
-               seeds=dict(train=cfg.seed, sampling=cfg.eval_seed, phantom_data=cfg.data_seed,
-                          note='training seed = TrainConfig.seed of every fold; each test slice i is sampled with '
-                               'condiff.inference.slice_seed(sampling, id_i)'),
-               data='phantom' if all(TESTSETS[t].data == 'phantom' for t in cfg.testsets) else 'real',
-               results=results, outputs=sorted(str(p) for p in [*tab.values(), *fig.values()]),
-               machine=prov['machine'], versions=prov['versions'])
+    man = _manifest(cfg, prov, progress, round(time.perf_counter() - t0, 1), stages, skipped, jobs, threads, devices, batched,
+                    train_cfgs, [*tab.values(), *fig.values()])
     write_manifest(Path(cfg.out) / 'manifest.json', man)
     say(f"manifest: {Path(cfg.out) / 'manifest.json'} (wall {man['wall_s']:.0f} s)")
     return man
