@@ -142,6 +142,37 @@ def _check_run_modality(models, modality, path):
         raise ValueError(f"{path} is {'an MRI volume' if modality == 'MRI' else 'a fundus image'} but the run's models "
                          f"were trained on {sorted(have)[0]} data")
 
+# %% ../nbs/12_detect.ipynb #eab979ea
+def _nifti_outputs(path, data, affine, geo, maps, rest, zero_below) -> tuple: # ({'map', 'restoration'}: NIfTI images, save fn)
+    "Map and restoration back on the scan's grid, with its affine and header (float32); background 0 as the input's."
+    hdr = nib.load(str(path)).header.copy(); hdr.set_data_dtype(np.float32)
+    fg = data >= zero_below  # background zeroing (spec §5.2) again on the input's grid: resizing blurs the border
+    vmap = slices_to_volume(maps, geo, 0.0) * fg
+    vrest = slices_to_volume(rest, geo, np.where(fg, data, 0), rescale=True) * fg  # outside the crop: the input
+    return {'map': nib.Nifti1Image(vmap, affine, hdr), 'restoration': nib.Nifti1Image(vrest, affine, hdr)}, lambda img, tmp: nib.save(img, tmp)
+
+def _fundus_outputs(photo, maps, rest) -> tuple: # ({'map': 16-bit PNG, 'restoration': RGB PNG}, save fn)
+    "Map and restoration on the photograph's centred square (the area the model saw); outside it map 0, restoration = photo."
+    H, W = photo.shape[:2]
+    box = _fundus_box(W, H, maps.shape[-1])
+    vmap = np.zeros((H, W), np.float32); vrest = photo.copy()
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    vmap[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(maps[0, 0]).resize((bw, bh), Image.BILINEAR))
+    r8 = (rest[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    vrest[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(r8).resize((bw, bh), Image.LANCZOS))
+    return ({'map': Image.fromarray((np.clip(vmap, 0, 1) * 65535).round().astype(np.uint16)), 'restoration': Image.fromarray(vrest)},
+            lambda img, tmp: img.save(tmp, format='PNG'))
+
+def _write_both(outs:dict, payload:dict, save):
+    "Write map and restoration, each atomically; if the second fails, the first is removed again (nothing half-written)."
+    written = []
+    try:
+        for k in ('map', 'restoration'):
+            written.append(atomic_write(outs[k], lambda tmp, k=k: save(payload[k], tmp), suffix=''.join(outs[k].suffixes)))
+    except BaseException:
+        for p in written: p.unlink(missing_ok=True)
+        raise
+
 # %% ../nbs/12_detect.ipynb #3ad8be7a
 def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or fundus image
            run, # trained ensemble: RUNS/<family>/<preset> (with fold*/) or one fold folder
@@ -209,31 +240,9 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     m, r, best = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
                                   sampler, num_steps, batch_size, device, progress, batched_folds)
     maps[keep], rest[keep] = m, r
-    if nifti:
-        hdr = nib.load(str(path)).header.copy(); hdr.set_data_dtype(np.float32)
-        fg = data >= zero_below  # background zeroing (spec §5.2) again on the input's grid: resizing blurs the border
-        vmap = slices_to_volume(maps, geo, 0.0) * fg
-        vrest = slices_to_volume(rest, geo, np.where(fg, data, 0), rescale=True) * fg  # outside the crop: the input
-        payload = {'map': nib.Nifti1Image(vmap, affine, hdr), 'restoration': nib.Nifti1Image(vrest, affine, hdr)}
-        save = lambda img, tmp: nib.save(img, tmp)
-    else:
-        H, W = photo.shape[:2]
-        box = _fundus_box(W, H, slices.shape[-1])
-        vmap = np.zeros((H, W), np.float32); vrest = photo.copy()
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        vmap[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(maps[0, 0]).resize((bw, bh), Image.BILINEAR))
-        r8 = (rest[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
-        vrest[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(r8).resize((bw, bh), Image.LANCZOS))
-        payload = {'map': Image.fromarray((np.clip(vmap, 0, 1) * 65535).round().astype(np.uint16)),
-                   'restoration': Image.fromarray(vrest)}
-        save = lambda img, tmp: img.save(tmp, format='PNG')
-    written = []
-    try:
-        for k in ('map', 'restoration'):
-            written.append(atomic_write(outs[k], lambda tmp, k=k: save(payload[k], tmp), suffix=''.join(outs[k].suffixes)))
-    except BaseException:
-        for p in written: p.unlink(missing_ok=True)
-        raise
+    payload, save = (_nifti_outputs(path, data, affine, geo, maps, rest, zero_below) if nifti else
+                     _fundus_outputs(photo, maps, rest))
+    _write_both(outs, payload, save)
     return dict(outs, fold=models[best][0], n_folds=len(models), slices=int(len(keep)), modality=modality,
                 sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn)
 
