@@ -611,6 +611,28 @@ def _metrics_or_note(sm, labels) -> dict:
     if why is not None: return {**{k: None for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')}, 'metrics_note': why}
     return {k: float(v) for k, v in sm.compute().items()}
 
+# %% ../nbs/09_inference.ipynb #6d2003e2
+def _merge_and_measure(out_dir, parts, testset, seeds, fp, key, source, save_restorations, progress, num_steps, seed, prec, world,
+                       device, t_start, recovered) -> dict: # the content of metrics.json
+    "Rank 0, once every part is restored: merge the parts into maps.safetensors and assemble the metrics with their provenance."
+    N = len(testset)
+    meta = {'ids': testset.ids, 'modality': testset.modality, 'testset': testset.name,
+            'testset_fingerprint': fp['testset'], 'key': key, 'fingerprint': fp,
+            'shape': list(testset.images.shape), 'space': 'model', **source}
+    metrics, restore_s = _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progress)
+    lesion = float(testset.masks.mean()) if testset.masks is not None else None
+    result = {**metrics, 'lesion_pixel_fraction': lesion, 'n_images': N,
+              'n_anomalous': int(testset.labels.sum()), 'sampler': fp['sampler'], 'num_steps': int(num_steps),
+              'eta': fp['eta'], 'seed': int(seed), 'precision': prec, 'testset': testset.name,
+              'world_size': world, **source,
+              'timing': {'restore_s': restore_s, 'sec_per_image': restore_s / N,
+                         'image_steps_per_s': N * num_steps / restore_s if restore_s > 0 else None,
+                         'wall_s': time.perf_counter() - t_start,
+                         'note': 'restore_s sums all parts: device-seconds over ranks and resumed runs'},
+              'key': key, 'fingerprint': fp, 'provenance': provenance(device)}
+    if recovered: result['recovered'] = recovered
+    return result
+
 # %% ../nbs/09_inference.ipynb #d6e2abff
 def evaluate_fold(run, # a training run folder (condiff.train), or a conditional UNet in hand (e.g. from `load_model`)
                   testset:SliceSet, # the test slices; masks (if any) give the metrics
@@ -672,22 +694,8 @@ def evaluate_fold(run, # a training run folder (condiff.train), or a conditional
         err = None
         if rank == 0:
             try:
-                meta = {'ids': testset.ids, 'modality': testset.modality, 'testset': testset.name,
-                        'testset_fingerprint': fp['testset'], 'key': key, 'fingerprint': fp,
-                        'shape': list(testset.images.shape), 'space': 'model', **source}
-                metrics, restore_s = _merge_parts(out_dir, parts, testset, seeds, meta, save_restorations, progress)
-                lesion = float(testset.masks.mean()) if testset.masks is not None else None
-                result = {**metrics, 'lesion_pixel_fraction': lesion, 'n_images': N,
-                          'n_anomalous': int(testset.labels.sum()), 'sampler': fp['sampler'], 'num_steps': int(num_steps),
-                          'eta': fp['eta'], 'seed': int(seed), 'precision': prec, 'testset': testset.name,
-                          'world_size': world, **source,
-                          'timing': {'restore_s': restore_s, 'sec_per_image': restore_s / N,
-                                     'image_steps_per_s': N * num_steps / restore_s if restore_s > 0 else None,
-                                     'wall_s': time.perf_counter() - t_start,
-                                     'note': 'restore_s sums all parts: device-seconds over ranks and resumed runs'},
-                          'key': key, 'fingerprint': fp, 'provenance': provenance(device)}
-                if recovered: result['recovered'] = recovered
-                _write_json(out_dir/'metrics.json', result)
+                _write_json(out_dir/'metrics.json', _merge_and_measure(out_dir, parts, testset, seeds, fp, key, source, save_restorations,
+                                                                       progress, num_steps, seed, prec, world, device, t_start, recovered))
                 for p in pdir.glob('*'):
                     if '.corrupt-' not in p.name: p.unlink()
                 if not any(pdir.iterdir()): pdir.rmdir()
