@@ -29,7 +29,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     from condiff.unet import build_unet
     from condiff.train import init_from_weights
-    from condiff.cli import load_testset
+    from condiff.pipeline import load_testset
     from condiff.inference import restore_dataset
     from condiff.tasks import RestorationTask
     from condiff.ddpm import NoiseSchedule, q_sample

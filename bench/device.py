@@ -131,7 +131,7 @@ def parity(b: Bench, cfg):
         b.emit('parity', 'sampler-chain', steps=5, max_abs=float((ra - rb).abs().max()), ok=bool((ra - rb).abs().max() < 1e-3))
         g = torch.Generator().manual_seed(2)
         y1, y2 = torch.rand(4, 3, 48, 48, generator=g), torch.rand(4, 3, 48, 48, generator=g)
-        ma = anomaly_map(y1, y2, 'MRI'); mb = anomaly_map(y1.to(dev), y2.to(dev), 'MRI').cpu()
+        ma = anomaly_map(restoration=y1, image=y2, modality='MRI'); mb = anomaly_map(restoration=y1.to(dev), image=y2.to(dev), modality='MRI').cpu()
         b.emit('parity', 'ssim-maps', max_abs=float((ma - mb).abs().max()), ok=bool((ma - mb).abs().max() < 1e-5))
         masks = torch.rand(4, 1, 48, 48, generator=g) > 0.9
         pa, pb = pixel_metrics(masks, ma), pixel_metrics(masks.to(dev), mb.to(dev))
@@ -383,7 +383,8 @@ def folds_section(b: Bench, cfg):
 def phantom_section(b: Bench, cfg):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from condiff.data import get_dataset, save_sliceset, to_model_space
+    from condiff.experiment import get_dataset
+    from condiff.data import save_sliceset, to_model_space
     from condiff.train import TrainConfig, Trainer
     from condiff.inference import restore_dataset, slice_seeds
     from condiff.ssim import anomaly_map
@@ -421,7 +422,7 @@ def phantom_section(b: Bench, cfg):
     r = restore_dataset(trainer.model, y, slice_seeds(0, sub.ids), 'ddpm', cfg['phantom_steps'], batch_size=len(sub),
                         device=b.device, progress=False)
     restore_s = time.perf_counter() - t2
-    maps = anomaly_map(r, y, 'MRI')
+    maps = anomaly_map(restoration=r, image=y, modality='MRI')
     n = len(sub)
     fig, axs = plt.subplots(3, n, figsize=(2 * n, 6), squeeze=False)
     for i in range(n):

@@ -78,8 +78,8 @@ def main(argv=None):
             print(json.dumps(recs[path]), flush=True)
         A, B = torch.load(outs['per-fold']), torch.load(outs['batched'])
         y = A['y'] * 1.0  # model space of MRI = [0, 1]
-        ma = torch.stack([anomaly_map(A['r'][f], y, 'MRI') for f in range(len(A['r']))])
-        mb = torch.stack([anomaly_map(B['r'][f], y, 'MRI') for f in range(len(B['r']))])
+        ma = torch.stack([anomaly_map(restoration=A['r'][f], image=y, modality='MRI') for f in range(len(A['r']))])
+        mb = torch.stack([anomaly_map(restoration=B['r'][f], image=y, modality='MRI') for f in range(len(B['r']))])
         print(json.dumps({'bench': 'ensemble', 'case': name, 'summary': True,
                           'speedup': round(recs['per-fold']['wall_s'] / recs['batched']['wall_s'], 3),
                           'images_per_s': {k: v['images_per_s'] for k, v in recs.items()},

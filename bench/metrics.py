@@ -51,7 +51,7 @@ def worker(impl, kind, n, seed):
         for v, m in chunks(n, seed, kind):
             v, m = v.reshape(-1, 1, 128, 128), m.reshape(-1, 1, 128, 128)
             t = time.perf_counter()
-            sm.update(v, m, scores=np.zeros(len(v)))  # image scores are not part of this benchmark
+            sm.update(m, v, scores=np.zeros(len(v)))  # image scores are not part of this benchmark
             secs += time.perf_counter() - t
         t = time.perf_counter()
         r = sm.pixel_metrics()

@@ -21,7 +21,7 @@ def main(argv=None):
     import numpy as np
     import torch
     torch.set_num_threads(a.threads)
-    from condiff.cli import RUN_DEFAULTS, fold_config, train_fold, load_testset
+    from condiff.pipeline import RUN_DEFAULTS, fold_config, train_fold, load_testset
     from condiff.inference import evaluate_fold, read_eval
     out = Path(a.out)
     d = RUN_DEFAULTS['tiny']

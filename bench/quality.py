@@ -39,8 +39,9 @@ def main(argv=None):
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     import torch
     torch.set_num_threads(1)
-    from condiff.cli import fold_config, load_testset, RUN_DEFAULTS
-    from condiff.train import train, run_dir_for, load_model
+    from condiff.pipeline import fold_config, load_testset, RUN_DEFAULTS
+    from condiff.train import train, load_model
+    from condiff.experiment import run_dir_for
     from condiff.inference import evaluate_model
     from condiff.report import intensity_control
 

@@ -5,7 +5,7 @@ restoration cost per image and step of the default sampler (DDIM, `RUN_DEFAULTS[
 (DDPM, 50 steps) on the first images of each phantom test set; (3) the same workload run as 2 processes x 1 torch
 thread (what `reproduce` does on 2 cores) against 1 process x 2 threads. Each line is one JSON measurement; the last
 line projects the default job (3 families x 10 folds trained, 4 test sets x 10 folds evaluated) from the parts.
-Models are freshly initialised: only time is measured here (quality: nbs/10_cli.ipynb and bench/README.md).
+Models are freshly initialised: only time is measured here (quality: nbs/11_pipeline.ipynb and bench/README.md).
 
     .venv/bin/python bench/reproduce.py [--images 8] [--train-steps 10]
 """
@@ -22,7 +22,7 @@ def _restore_cost(kind, n, steps, threads, seed=0):
     "Seconds to restore n phantom-brats-t2 images with `steps` steps of `kind`, in this process with `threads` threads."
     import torch
     torch.set_num_threads(threads)
-    from condiff.cli import load_testset
+    from condiff.pipeline import load_testset
     from condiff.unet import build_unet
     from condiff.inference import restore_dataset, slice_seeds
     ss = load_testset('phantom-brats-t2')
@@ -48,8 +48,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from condiff.cli import RUN_DEFAULTS, ReproduceConfig, train_config, load_testset
-    from condiff.report import TESTSETS, PHANTOM_TESTSETS
+    from condiff.pipeline import RUN_DEFAULTS, ReproduceConfig, train_config, load_testset
+    from condiff.experiment import TESTSETS, PHANTOM_TESTSETS
     from condiff.train import Trainer
     from condiff.unet import build_unet
     from condiff.inference import restore_dataset, slice_seeds

@@ -5,7 +5,7 @@ with each sampler through `condiff.inference.evaluate_fold`, and prints one JSON
 max_Dice, restoration seconds, and ratios against the paper sampler measured in the same run. A last line measures what
 the float16 map storage does to the pixel metrics (float32 maps of the paper sampler, recomputed, against the stored
 float16 ones), and the random-classifier AP_p (the lesion pixel fraction). The lines are also written to
-OUT/bench.jsonl, which the experiment section of nbs/08_inference.ipynb reads. Every step is resumable: an existing
+OUT/bench.jsonl, which the experiment section of nbs/09_inference.ipynb reads. Every step is resumable: an existing
 run (with a `best` checkpoint) is not retrained, and finished evaluations are reused.
 
     nice -n 10 .venv/bin/python bench/sampling.py --out /tmp/condiff-sampling --train-minutes 8 --threads 1
@@ -33,7 +33,7 @@ def main(argv=None):
     if a.threads: os.environ['OMP_NUM_THREADS'] = str(a.threads)
     import torch
     if a.threads: torch.set_num_threads(a.threads)
-    from condiff.data import get_dataset
+    from condiff.experiment import get_dataset
     from condiff.inference import evaluate_fold
     from condiff.train import read_log
 
@@ -91,7 +91,7 @@ def float16_check(a, run, test, out, lines):
     model, _ = load_model(run, 'best')
     y = to_model_space(torch.from_numpy(test.images), test.modality)
     rest = restore_dataset(model, y, slice_seeds(a.seed, test.ids), 'ddpm', 50, batch_size=a.batch_size, progress=False)
-    maps32 = anomaly_map(rest, y, test.modality).numpy()
+    maps32 = anomaly_map(restoration=rest, image=y, modality=test.modality).numpy()
     stored = read_eval(out / 'eval' / 'ddpm50')['maps']
     p32, p16 = pixel_metrics(test.masks, maps32), pixel_metrics(test.masks, stored)
     emit(lines, {'measure': 'float16_storage', 'AP_p_f32': round(p32['AP_p'], 6), 'AP_p_f16': round(p16['AP_p'], 6),

@@ -6,14 +6,18 @@ Docs: https://condiff.github.io/condiff/checks.html.md"""
 
 # %% ../nbs/00a_checks.ipynb #755755d2
 from __future__ import annotations
-import errno, fcntl, hashlib, json, math, os, signal, socket, sys, threading, time, warnings
+import ast, ctypes, errno, fcntl, hashlib, json, math, os, signal, socket, sys, threading, time, warnings
+import argparse, inspect
 from pathlib import Path
 import numpy as np
+import torch
+from fastcore.docments import docments
 
 # %% auto #0
 __all__ = ['BadInput', 'cli_flag', 'check_int', 'check_float', 'check_choice', 'check_device', 'check_out_dir', 'check_in_dir',
            'check_in_file', 'check_notebook_parameters', 'file_sha256', 'quarantine', 'file_mode', 'os_error_message',
-           'LockHeld', 'FolderLock', 'lock_holder', 'die_with_parent']
+           'LockHeld', 'FolderLock', 'lock_holder', 'die_with_parent', 'parse_sets', 'in_ipython', 'option_specs',
+           'add_options', 'call_options', 'command_errors', 'run_command']
 
 # %% ../nbs/00a_checks.ipynb #52c333fc
 class BadInput(ValueError):
@@ -25,8 +29,10 @@ class BadInput(ValueError):
         "The message with the option spelled `name` (e.g. '--batch-size')."
         return f"{name or self.option}: {self.why + ': ' if self.why else ''}got {self.value!r}; allowed: {self.allowed}"
 
+# %% ../nbs/00a_checks.ipynb #44ecabb0
 def cli_flag(option:str) -> str: return '--' + option.replace('_', '-')
 
+# %% ../nbs/00a_checks.ipynb #8c6154ab
 def _isint(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 def check_int(name:str, # the option's name (API spelling)
@@ -41,6 +47,7 @@ def check_int(name:str, # the option's name (API spelling)
     if not _isint(v) or (lo is not None and v < lo) or (hi is not None and v > hi): raise BadInput(name, v, allowed)
     return int(v)
 
+# %% ../nbs/00a_checks.ipynb #4dabe770
 def check_float(name:str, v, lo:float|None=None, hi:float|None=None, none:bool=False) -> float|None:
     "A finite number within [lo, hi] (no NaN, no Inf, not a bool), or None if `none`."
     if v is None and none: return None
@@ -50,12 +57,14 @@ def check_float(name:str, v, lo:float|None=None, hi:float|None=None, none:bool=F
     if not math.isfinite(f) or (lo is not None and f < lo) or (hi is not None and f > hi): raise BadInput(name, v, allowed)
     return f
 
+# %% ../nbs/00a_checks.ipynb #b9bf1621
 def check_choice(name:str, v, choices, none:bool=False):
     "One of `choices` (or None if `none`)."
     if v is None and none: return None
     if v not in tuple(choices): raise BadInput(name, v, ' | '.join(map(str, choices)) + (" or None (the default)" if none else ''))
     return v
 
+# %% ../nbs/00a_checks.ipynb #8261a971
 def check_device(name:str, v,
                  available:bool=True, # also require the CUDA device to exist on this machine (False: the spelling only)
                 ) -> str:
@@ -66,12 +75,12 @@ def check_device(name:str, v,
     head, _, idx = v.partition(':')
     if head != 'cuda' or (idx and not idx.isdigit()): raise BadInput(name, v, allowed)
     if not available: return v
-    import torch
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0: raise BadInput(name, v, "cpu | auto", "CUDA is not available on this machine")
     if idx and int(idx) >= n: raise BadInput(name, v, f"cuda:0..cuda:{n - 1}", f"this machine has {n} GPU(s)")
     return v
 
+# %% ../nbs/00a_checks.ipynb #c6122b2d
 def check_out_dir(name:str, p, create:bool=False) -> Path:
     "A folder to write into: not an existing file, inside a writable existing ancestor."
     if p is None or (isinstance(p, str) and not p.strip()): raise BadInput(name, p, 'a folder path')
@@ -84,28 +93,30 @@ def check_out_dir(name:str, p, create:bool=False) -> Path:
     if create: p.mkdir(parents=True, exist_ok=True)
     return p
 
-def check_in_dir(name:str, p) -> Path:
-    "An existing folder to read from."
-    if p is None: raise BadInput(name, p, 'an existing folder')
+# %% ../nbs/00a_checks.ipynb #83c29621
+def _check_exists(name:str, p, folder:bool) -> Path:
+    what = 'folder' if folder else 'file'
+    if p is None: raise BadInput(name, p, f'an existing {what}')
     p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing folder', 'folder not found')
-    if not p.is_dir(): raise BadInput(name, str(p), 'an existing folder', 'it is a file, not a folder')
+    if not p.exists(): raise BadInput(name, str(p), f'an existing {what}', f'{what} not found')
+    if p.is_dir() != folder: raise BadInput(name, str(p), 'an existing folder' if folder else 'a file',
+                                            'it is a file, not a folder' if folder else 'it is a folder')
     return p
 
+def check_in_dir(name:str, p) -> Path:
+    "An existing folder to read from."
+    return _check_exists(name, p, folder=True)
+
+# %% ../nbs/00a_checks.ipynb #e647f455
 def check_in_file(name:str, p) -> Path:
     "An existing regular file to read."
-    if p is None: raise BadInput(name, p, 'an existing file')
-    p = Path(p)
-    if not p.exists(): raise BadInput(name, str(p), 'an existing file', 'file not found')
-    if p.is_dir(): raise BadInput(name, str(p), 'a file', 'it is a folder')
-    return p
+    return _check_exists(name, p, folder=False)
 
 # %% ../nbs/00a_checks.ipynb #a33302eb
 _IPY_NAMES = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
 
 def _assigned(src:str) -> list:
     "Names assigned at the top level of a cell's source (papermill injects `name = value` lines)."
-    import ast
     out = []
     for node in ast.parse(src).body:
         tg = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
@@ -141,6 +152,7 @@ def file_sha256(path) -> str:
         for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/00a_checks.ipynb #9cd99e9c
 def quarantine(path, # a file (or folder) found corrupt
                why:str, # what was wrong with it
                then:str='recomputed', # what happens instead (for the warning)
@@ -154,11 +166,13 @@ def quarantine(path, # a file (or folder) found corrupt
     warnings.warn(f"{path}: {why}; moved aside to {dst.name} and {then}", RuntimeWarning, stacklevel=2)
     return dst
 
+# %% ../nbs/00a_checks.ipynb #277fd8ba
 def file_mode() -> int:
     "The one mode of every output file: 0o666 minus the process umask (0o644 by default), as `open` would create it."
     m = os.umask(0o022); os.umask(m)
     return 0o666 & ~m
 
+# %% ../nbs/00a_checks.ipynb #05074adf
 _OS_HINTS = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
              errno.EPERM: 'permission denied', errno.EISDIR: 'it is a folder, a file was expected',
              errno.ENOTDIR: 'a part of the path is a file, a folder was expected', errno.EDQUOT: 'the disk quota is exceeded'}
@@ -173,6 +187,7 @@ def os_error_message(e:OSError) -> str:
 class LockHeld(FileExistsError):
     "Another live process writes to this folder."
 
+# %% ../nbs/00a_checks.ipynb #eedb8d4b
 _HELD = {}  # resolved lock path -> [fd, count]: re-entrant within one process
 
 def _pid_alive(pid) -> bool:
@@ -181,6 +196,7 @@ def _pid_alive(pid) -> bool:
     except (PermissionError, ValueError, TypeError): return True
     return True
 
+# %% ../nbs/00a_checks.ipynb #4a82d3b0
 class FolderLock:
     "An advisory lock on a folder (`<folder>/.lock`, holding pid, host, start time): one writer at a time."
     def __init__(self, folder, # the folder to guard (created if missing)
@@ -241,6 +257,7 @@ class FolderLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *_): self.release()
 
+# %% ../nbs/00a_checks.ipynb #f79164b2
 def lock_holder(folder) -> dict:
     "The recorded holder of `folder`'s lock ({} if none); 'alive' says whether the lock is held now."
     p = Path(folder) / '.lock'
@@ -262,7 +279,6 @@ def die_with_parent(parent_pid:int|None=None, # the parent's pid (None: the curr
     parent = os.getppid() if parent_pid is None else int(parent_pid)
     pdeath = False
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         pdeath = libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0  # PR_SET_PDEATHSIG: the kernel sends SIGTERM
     except (OSError, AttributeError): pass
@@ -274,3 +290,118 @@ def die_with_parent(parent_pid:int|None=None, # the parent's pid (None: the curr
                 if not pdeath: os.kill(os.getpid(), signal.SIGTERM)  # one graceful stop (a training run saves `latest`)
                 time.sleep(grace_s); os._exit(1)  # then no lingering: an idle pool worker would wait forever
     threading.Thread(target=watch, daemon=True, name='die-with-parent').start()
+
+# %% ../nbs/00a_checks.ipynb #60e78e9b
+def parse_sets(items, # ['KEY=VALUE', ...] as given on the command line
+               option:str='set', # the option that carries them (for the message)
+              ) -> dict:
+    "{KEY: value}: the value read as JSON when it parses, as a string otherwise."
+    out = {}
+    for it in items or []:
+        if '=' not in it: raise ValueError(f"{cli_flag(option)} expects KEY=VALUE, got {it!r}")
+        k, v = it.split('=', 1)
+        try: out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError: out[k.strip()] = v
+    return out
+
+# %% ../nbs/00a_checks.ipynb #4079afd0
+def in_ipython() -> bool:
+    "True inside IPython/Jupyter (a notebook being executed), False in a plain script."
+    ip = sys.modules.get('IPython')
+    return ip is not None and ip.get_ipython() is not None
+
+# %% ../nbs/00a_checks.ipynb #6562a8af
+def _base_type(anno) -> str:
+    a = str(anno).replace(' ', '')
+    for t in ('bool', 'int', 'float', 'dict', 'tuple', 'list'):
+        if a == t or a.startswith(t + '|') or a.endswith('|' + t) and 'None' in a and a.count('|') == 1: return t
+    return 'str'
+
+def option_specs(*sources, # functions or dataclasses whose parameters (fields) the command offers, in order
+                 skip=(), # parameters the command line does not offer
+                ) -> dict: # {name: docments entry (docment, anno, default)}
+    "The documented parameters of `sources`; every one must have a docments comment (a command's help must say what it does)."
+    out = {}
+    for src in sources:
+        for k, d in docments(src, full=True).items():
+            if k == 'return' or k in skip or k in out or d['kind'] in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL): continue
+            if not d['docment']: raise ValueError(f"{getattr(src, '__name__', src)}: parameter {k!r} has no docments comment")
+            out[k] = d
+    return out
+
+# %% ../nbs/00a_checks.ipynb #ec8c903e
+def add_options(parser, # an argparse parser (or subparser)
+                specs:dict, # from `option_specs`
+                pos=(), # parameters given positionally
+                flags:dict|None=None, # {parameter: '--flag' or 'NAME'}: a spelling other than `cli_flag(parameter)`
+                over:dict|None=None, # {parameter: extra `add_argument` keywords} (choices, type, default, help, ...)
+               ):
+    "One argparse argument per parameter: type and default from the signature, help from the docments comment."
+    flags, over = flags or {}, over or {}
+    for k, d in specs.items():
+        dflt, kind, o = d['default'], _base_type(d['anno']), dict(over.get(k, {}))
+        empty = dflt is inspect.Parameter.empty
+        kw = dict(dest=k)
+        if kind == 'bool' and 'type' not in o and 'choices' not in o:
+            kw['action'] = 'store_false' if dflt is True else 'store_true'
+            name = flags.get(k) or ('--no-' + k.replace('_', '-') if dflt is True else cli_flag(k))
+            kw['help'] = d['docment'] + (' (default: on; this flag turns it off)' if dflt is True else ' (default: off)')
+        else:
+            if kind in ('int', 'float'): kw['type'] = int if kind == 'int' else float
+            if kind == 'dict': kw.update(action='append', metavar='KEY=VALUE')
+            if kind in ('tuple', 'list'): kw.update(nargs='+', metavar='NAME')
+            name = k if k in pos else flags.get(k) or cli_flag(k)
+            if not empty and k not in pos: kw['default'] = [] if kind == 'dict' else (list(dflt) if kind in ('tuple', 'list') and dflt is not None else dflt)
+            elif empty and k not in pos: kw['required'] = True
+            if kind in ('tuple', 'list') and 'type' in o: kw.pop('nargs'); kw.pop('metavar')  # e.g. folds as one '0-9' spec
+            kw.update(o)
+            shown = kw.get('default', dflt)
+            shown = ' '.join(map(str, shown)) if isinstance(shown, (list, tuple)) else shown
+            kw['help'] = o.get('help', d['docment']) + ('' if empty or kind == 'dict' else f" (default: {shown})")
+        if k in pos: kw.pop('dest'); kw['metavar'] = flags.get(k) or k; name = k
+        parser.add_argument(name, **kw)
+    return parser
+
+# %% ../nbs/00a_checks.ipynb #7ef65c3d
+def call_options(func, # the command's function
+                 ns, # the parsed `argparse.Namespace`
+                 specs:dict, # the same `option_specs`
+                 flags:dict|None=None, # as given to `add_options` (names `--set` in its messages)
+                 convert:dict|None=None, # {parameter: fn(value)}: e.g. 'auto' / 'on' / 'off' -> None / True / False
+                 **fixed): # other keyword arguments for `func`
+    "Call `func` with keyword arguments only: each option's parsed value (dict options through `parse_sets`)."
+    kw = {}
+    for k, d in specs.items():
+        v = getattr(ns, k)
+        if _base_type(d['anno']) == 'dict': v = parse_sets(v, (flags or {}).get(k, cli_flag(k)).lstrip('-'))
+        if convert and k in convert: v = convert[k](v)
+        kw[k] = v
+    return func(**kw, **fixed)
+
+# %% ../nbs/00a_checks.ipynb #ab779f5c
+def command_errors(parser, # the parser (its `exit` prints and exits)
+                   prog:str, # the command's name in messages
+                   run, # the zero-argument call to guard
+                   flags:dict|None=None, # {parameter: spelling} for `BadInput` messages
+                  ):
+    "Run `run()`; a refused input exits 2 with one line naming the option, an OSError exits 1 naming the path."
+    try: return run()
+    except BadInput as e: parser.exit(2, f"{prog}: error: {e.message((flags or {}).get(e.option) or cli_flag(e.option))}\n")
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:  # refused: bad input, missing step, held lock
+        parser.exit(2, f"{prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n")
+    except OSError as e: parser.exit(1, f"{prog}: error: {os_error_message(e)}\n")  # disk full, read-only, ...: one line
+
+# %% ../nbs/00a_checks.ipynb #0ca1a798
+def run_command(func, # the function the command runs, called with keyword arguments only
+                argv=None, # the arguments (None: sys.argv[1:])
+                prog:str|None=None, # the command's name
+                show=None, # fn(result): what to print (None: nothing)
+                pos=(), flags:dict|None=None, over:dict|None=None, convert:dict|None=None, # as `add_options` / `call_options`
+               ) -> int:
+    "A command line for `func` from its signature and docments: parse `argv`, call, `show` the result; exit codes as above."
+    specs = option_specs(func)
+    p = add_options(argparse.ArgumentParser(prog=prog, description=inspect.getdoc(func)), specs, pos, flags, over)
+    a = p.parse_args(argv)
+    r = command_errors(p, p.prog, lambda: call_options(func, a, specs, flags, convert), flags)
+    if show is not None: show(r)
+    return 0

@@ -6,7 +6,8 @@ Docs: https://condiff.github.io/condiff/data.html.md"""
 
 # %% ../nbs/05_data.ipynb #544c55ff
 from __future__ import annotations
-import glob as _glob, hashlib, importlib, json, logging, os, tempfile
+import glob as _glob, hashlib, json, logging, os, tempfile
+from functools import partial
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -15,15 +16,21 @@ import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+from .checks import file_mode
+import nibabel as nib
+from skimage.transform import resize
+from PIL import Image
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['log', 'MODALITIES', 'TEST_SPLITS', 'ANOMAL_SPLIT', 'PREPROC_VERSION', 'LAYOUTS', 'DDR_DIR', 'REAL_DATASETS',
-           'PHANTOM_DATASETS', 'SPLITS', 'REGISTRATION', 'to_model_space', 'from_model_space', 'SliceSet',
-           'atomic_write', 'save_sliceset', 'load_sliceset', 'volume_of', 'summarise', 'nifti_stem', 'read_nifti',
-           'read_volume', 'select_slices', 'crop_square', 'zero_small', 'resize_slices', 'scale_to_unit', 'binarise',
+__all__ = ['log', 'MODALITIES', 'TEST_SPLITS', 'ANOMAL_SPLIT', 'PREPROC_VERSION', 'LAYOUTS', 'DDR_DIR', 'REAL_DATASETS', 'SPLITS',
+           'DATASETS', 'REGISTRATION', 'to_model_space', 'from_model_space', 'SliceSet', 'atomic_write',
+           'save_sliceset', 'load_sliceset', 'volume_of', 'summarise', 'nifti_stem', 'read_nifti', 'read_volume',
+           'select_slices', 'crop_square', 'zero_small', 'resize_slices', 'scale_to_unit', 'binarise',
            'preprocess_volume', 'split_slices', 'split_volumes', 'load_volumes', 'find_volumes', 'load_folder',
            'resize_center_crop', 'load_fundus', 'image_bits', 'image_range', 'load_fundus_mask', 'ddr_files',
-           'load_ddr', 'split_ddr_test', 'default_cache_dir', 'get_dataset', 'register_to_atlas', 'prepare_dataset']
+           'load_ddr', 'split_ddr_test', 'default_cache_dir', 'load_real', 'register_dataset', 'register_to_atlas',
+           'prepare_dataset']
 
 # %% ../nbs/05_data.ipynb #4d40e692
 MODALITIES = ('MRI', 'RF')
@@ -33,12 +40,13 @@ def to_model_space(x, modality:str):
     if modality not in MODALITIES: raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
     return x if modality == 'MRI' else x * 2 - 1
 
+# %% ../nbs/05_data.ipynb #787f403e
 def from_model_space(x, modality:str):
     "Inverse of `to_model_space`."
     if modality not in MODALITIES: raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
     return x if modality == 'MRI' else (x + 1) / 2
 
-# %% ../nbs/05_data.ipynb #83cc5924
+# %% ../nbs/05_data.ipynb #18bd3a60
 @dataclass
 class SliceSet:
     "A stack of 2-D slices in [0,1] with optional ground-truth masks; the unit every loader returns."
@@ -49,59 +57,61 @@ class SliceSet:
     name: str = ''  # human-readable dataset name
     meta: dict = field(default_factory=dict)  # provenance: source files, preprocessing, seed
     healthy: np.ndarray|None = None  # N×C×H×W float32: each slice without its lesions, where known (phantoms); None for real data
-
     def __post_init__(self):
         self.images = np.asarray(self.images)
         self.ids = [str(i) for i in self.ids]
         self.validate()
-
-    def validate(self):
-        "Check shapes, dtypes, ranges and ids; raise a ValueError naming the problem."
-        x, where = self.images, f"SliceSet {self.name!r}"
-        if self.modality not in MODALITIES: raise ValueError(f"{where}: unknown modality {self.modality!r}")
-        if x.ndim != 4: raise ValueError(f"{where}: images must be N×C×H×W, got shape {x.shape}")
-        if x.dtype != np.float32: raise ValueError(f"{where}: images must be float32, got {x.dtype}")
-        want_c = 1 if self.modality == 'MRI' else 3
-        if x.shape[1] != want_c: raise ValueError(f"{where}: {self.modality} images need {want_c} channel(s), got {x.shape[1]}")
-        if len(self.ids) != len(x): raise ValueError(f"{where}: {len(self.ids)} ids for {len(x)} images")
-        if len(set(self.ids)) != len(self.ids): raise ValueError(f"{where}: slice ids are not unique")
-        if x.size:
-            if not np.isfinite(x).all(): raise ValueError(f"{where}: images contain NaN or Inf")
-            if x.min() < 0 or x.max() > 1: raise ValueError(f"{where}: images must lie in [0, 1], got [{x.min()}, {x.max()}]")
-        if self.masks is not None:
-            m = self.masks = np.asarray(self.masks)
-            if m.dtype != bool: raise ValueError(f"{where}: masks must be bool, got {m.dtype}")
-            if m.shape != (x.shape[0], 1, *x.shape[2:]):
-                raise ValueError(f"{where}: masks of shape {m.shape} do not match images {x.shape} (want N×1×H×W)")
-        if self.healthy is not None:
-            h = self.healthy = np.asarray(self.healthy)
-            if h.shape != x.shape or h.dtype != np.float32:
-                raise ValueError(f"{where}: healthy references must be float32 of the images' shape {x.shape}, got {h.dtype} {h.shape}")
-            if h.size and (not np.isfinite(h).all() or h.min() < 0 or h.max() > 1):
-                raise ValueError(f"{where}: healthy references must be finite and lie in [0, 1]")
-
     def __len__(self): return len(self.images)
-
-    @property
-    def labels(self):
-        "Image-level labels: 1 iff the slice's ground-truth mask has any positive pixel (spec §6)."
-        if self.masks is None: return np.zeros(len(self), dtype=np.int64)
-        return self.masks.reshape(len(self), -1).any(1).astype(np.int64)
-
-    def subset(self, idx, name=None):
-        "A new `SliceSet` with the slices at `idx` (indices, a boolean array, or a `slice`, which gives views)."
-        pick = lambda a: None if a is None else a[idx]
-        if isinstance(idx, slice):
-            return SliceSet(self.images[idx], self.ids[idx], self.modality, pick(self.masks), name or self.name, dict(self.meta),
-                            pick(self.healthy))
-        idx = np.arange(len(self))[np.asarray(idx)] if np.asarray(idx).dtype == bool else np.asarray(idx, dtype=np.int64)
-        return SliceSet(self.images[idx], [self.ids[i] for i in idx], self.modality, pick(self.masks), name or self.name,
-                        dict(self.meta), pick(self.healthy))
-
     def __repr__(self):
         s = f"SliceSet({self.name!r}, {self.modality}, {len(self)} slices of {tuple(self.images.shape[1:])}"
         if self.masks is not None: s += f", {int(self.labels.sum())} anomalous"
         return s + ")"
+
+# %% ../nbs/05_data.ipynb #b1ab8d71
+@patch
+def validate(self:SliceSet):
+    "Check shapes, dtypes, ranges and ids; raise a ValueError naming the problem."
+    x, where = self.images, f"SliceSet {self.name!r}"
+    if self.modality not in MODALITIES: raise ValueError(f"{where}: unknown modality {self.modality!r}")
+    if x.ndim != 4: raise ValueError(f"{where}: images must be N×C×H×W, got shape {x.shape}")
+    if x.dtype != np.float32: raise ValueError(f"{where}: images must be float32, got {x.dtype}")
+    want_c = 1 if self.modality == 'MRI' else 3
+    if x.shape[1] != want_c: raise ValueError(f"{where}: {self.modality} images need {want_c} channel(s), got {x.shape[1]}")
+    if len(self.ids) != len(x): raise ValueError(f"{where}: {len(self.ids)} ids for {len(x)} images")
+    if len(set(self.ids)) != len(self.ids): raise ValueError(f"{where}: slice ids are not unique")
+    if x.size:
+        if not np.isfinite(x).all(): raise ValueError(f"{where}: images contain NaN or Inf")
+        if x.min() < 0 or x.max() > 1: raise ValueError(f"{where}: images must lie in [0, 1], got [{x.min()}, {x.max()}]")
+    if self.masks is not None:
+        m = self.masks = np.asarray(self.masks)
+        if m.dtype != bool: raise ValueError(f"{where}: masks must be bool, got {m.dtype}")
+        if m.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(f"{where}: masks of shape {m.shape} do not match images {x.shape} (want N×1×H×W)")
+    if self.healthy is not None:
+        h = self.healthy = np.asarray(self.healthy)
+        if h.shape != x.shape or h.dtype != np.float32:
+            raise ValueError(f"{where}: healthy references must be float32 of the images' shape {x.shape}, got {h.dtype} {h.shape}")
+        if h.size and (not np.isfinite(h).all() or h.min() < 0 or h.max() > 1):
+            raise ValueError(f"{where}: healthy references must be finite and lie in [0, 1]")
+
+# %% ../nbs/05_data.ipynb #805097f5
+@patch(as_prop=True)
+def labels(self:SliceSet):
+    "Image-level labels: 1 iff the slice's ground-truth mask has any positive pixel (spec §6)."
+    if self.masks is None: return np.zeros(len(self), dtype=np.int64)
+    return self.masks.reshape(len(self), -1).any(1).astype(np.int64)
+
+# %% ../nbs/05_data.ipynb #d053aac0
+@patch
+def subset(self:SliceSet, idx, name=None):
+    "A new `SliceSet` with the slices at `idx` (indices, a boolean array, or a `slice`, which gives views)."
+    pick = lambda a: None if a is None else a[idx]
+    if isinstance(idx, slice):
+        return SliceSet(self.images[idx], self.ids[idx], self.modality, pick(self.masks), name or self.name, dict(self.meta),
+                        pick(self.healthy))
+    idx = np.arange(len(self))[np.asarray(idx)] if np.asarray(idx).dtype == bool else np.asarray(idx, dtype=np.int64)
+    return SliceSet(self.images[idx], [self.ids[i] for i in idx], self.modality, pick(self.masks), name or self.name,
+                    dict(self.meta), pick(self.healthy))
 
 # %% ../nbs/05_data.ipynb #131fcf96
 def atomic_write(path, write_fn, suffix=''):
@@ -111,7 +121,6 @@ def atomic_write(path, write_fn, suffix=''):
     os.close(fd)
     try:
         write_fn(tmp)
-        from condiff.checks import file_mode
         os.chmod(tmp, file_mode())  # mkstemp makes 0600 files: outputs get the one documented mode instead
         os.replace(tmp, path)
     except BaseException:
@@ -119,6 +128,7 @@ def atomic_write(path, write_fn, suffix=''):
         raise
     return path
 
+# %% ../nbs/05_data.ipynb #9ced1891
 def save_sliceset(ss:SliceSet, path):
     "Save `ss` atomically to `path` (.npz)."
     def _w(tmp):
@@ -129,6 +139,7 @@ def save_sliceset(ss:SliceSet, path):
         with open(tmp, 'wb') as f: np.savez(f, **arrs)
     return atomic_write(path, _w, suffix='.npz')
 
+# %% ../nbs/05_data.ipynb #af7223aa
 def load_sliceset(path) -> SliceSet:
     "Load a `SliceSet` written by `save_sliceset`; a corrupt file raises a ValueError naming it."
     path = Path(path)
@@ -146,6 +157,7 @@ def volume_of(slice_id:str) -> str:
     "The volume (or image group) a slice id belongs to: everything before the last '/'."
     return slice_id.rsplit('/', 1)[0]
 
+# %% ../nbs/05_data.ipynb #071fc5a9
 def summarise(ss:SliceSet) -> dict:
     "Counts a loader reports: volumes, slices, anomalous slices, anomalous fraction, lesion pixel fraction."
     vols = ss.meta.get('volumes')
@@ -164,6 +176,7 @@ def nifti_stem(path) -> str:
         if name.endswith(s): return name[:-len(s)]
     return Path(path).stem
 
+# %% ../nbs/05_data.ipynb #b32066a0
 def _nifti_suffix(path) -> str:
     return '.nii.gz' if str(path).endswith('.nii.gz') else Path(path).suffix
 
@@ -171,7 +184,6 @@ def read_nifti(path, what='volume'):
     "Load a 3-D NIfTI file: (float64 array in file axis order, 4×4 affine); errors name the file and the problem."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: {what} file not found")
-    import nibabel as nib
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(caching='unchanged'))
@@ -186,6 +198,7 @@ def read_nifti(path, what='volume'):
     if n_bad: raise ValueError(f"{path}: {n_bad} NaN/Inf voxel(s) in the {what}")
     return data, affine
 
+# %% ../nbs/05_data.ipynb #a6eadfc0
 def read_volume(path, what='volume') -> np.ndarray:
     "Step 1: a NIfTI volume as float32 with the axial axis (file axis 2) first: S×W×H, as the official `load_nii`."
     return np.moveaxis(read_nifti(path, what)[0].astype(np.float32), 2, 0)
@@ -199,6 +212,7 @@ def select_slices(vol:np.ndarray, slice_range=None) -> np.ndarray:
     if not 0 <= a < b: raise ValueError(f"slice_range must satisfy 0 <= start < stop, got {slice_range!r}")
     return vol[a:b]
 
+# %% ../nbs/05_data.ipynb #f55f3802
 def crop_square(vol:np.ndarray) -> np.ndarray:
     "Step 3: centre-crop the two in-plane axes to the shorter one (the official `rectangularize`)."
     w, h = vol.shape[1:]
@@ -206,24 +220,27 @@ def crop_square(vol:np.ndarray) -> np.ndarray:
     if h < w: return vol[:, (w - h) // 2:(w + h) // 2, :]
     return vol
 
+# %% ../nbs/05_data.ipynb #dcd93482
 def zero_small(vol:np.ndarray, threshold:float=1e-4) -> np.ndarray:
     "Step 4: a copy with every value below `threshold` (negatives included) set to 0."
     out = np.array(vol, copy=True); out[out < threshold] = 0
     return out
 
+# %% ../nbs/05_data.ipynb #01fcc76c
 def resize_slices(vol:np.ndarray, size:int=128) -> np.ndarray:
     "Step 5: resize every slice to size×size as the official code: skimage, order 1, anti-aliasing, mode reflect."
-    from skimage.transform import resize
     if len(vol) == 0: return np.zeros((0, size, size), np.float32)
     # Same call as the official `resize(vol, [S, size, size])`: its defaults are order 1, mode 'reflect', and
     # anti-aliasing whenever an axis shrinks (σ=(factor-1)/2 per axis, so 0 across slices and when enlarging).
     return resize(vol, (vol.shape[0], size, size), order=1, mode='reflect', anti_aliasing=True).astype(np.float32)
 
+# %% ../nbs/05_data.ipynb #4073aea6
 def scale_to_unit(vol:np.ndarray) -> np.ndarray:
     "Step 6: divide by the volume's maximum (left as is when the maximum is 0)."
     m = vol.max() if vol.size else 0
     return vol / m if m > 0 else vol
 
+# %% ../nbs/05_data.ipynb #1e104b9f
 def binarise(mask:np.ndarray, threshold:float=0.4) -> np.ndarray:
     "Segmentations after resizing: a voxel is lesion iff its interpolated value is > `threshold`."
     return mask > threshold
@@ -284,6 +301,7 @@ def split_slices(ss:SliceSet, normal_split:float=0.95):
         return o
     return part(0, k, 'train'), part(k, len(ss), 'val')
 
+# %% ../nbs/05_data.ipynb #7a9bc4c1
 def split_volumes(ss:SliceSet, test_split='big') -> SliceSet:
     "Test split by whole volumes, in the set's volume order: 'big' (first int(0.9·n)), 'small', 'all' or a fraction."
     vols = ss.meta.get('volumes') or list(dict.fromkeys(volume_of(i) for i in ss.ids))
@@ -415,7 +433,6 @@ def load_folder(root,
 
 # %% ../nbs/05_data.ipynb #9a6aca1f
 def _open_image(path, what='image'):
-    from PIL import Image
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: {what} file not found")
     try:
@@ -427,7 +444,6 @@ def _open_image(path, what='image'):
 
 def resize_center_crop(im, size:int=128, resample=None):
     "torchvision's `Resize(size)` (shorter side → size) then `CenterCrop(size)`, on a PIL image."
-    from PIL import Image
     resample = Image.LANCZOS if resample is None else resample
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
@@ -439,9 +455,9 @@ def resize_center_crop(im, size:int=128, resample=None):
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return im.crop((left, top, left + size, top + size))
 
+# %% ../nbs/05_data.ipynb #0f8673a8
 def load_fundus(path, size:int=128) -> np.ndarray:
     "A fundus photograph as RGB 3×size×size float32 in [0, 1] (Lanczos resize of the shorter side, centre crop)."
-    from PIL import Image
     im = _open_image(path)
     bits = image_bits(im)
     if bits > 8:  # 16-bit (or float) greyscale: scaled by its true bit depth, not saturated by PIL's 8-bit conversion
@@ -454,6 +470,7 @@ def load_fundus(path, size:int=128) -> np.ndarray:
     if im.mode != 'RGB': im = im.convert('RGB')
     return np.asarray(resize_center_crop(im, size), dtype=np.float32).transpose(2, 0, 1) / 255
 
+# %% ../nbs/05_data.ipynb #be6d3505
 def image_bits(im) -> int:
     "Bits per sample of a PIL image: 8, 16 (modes I;16*, or I holding values < 2**16), 32 for float ('F')."
     if im.mode.startswith('I;16'): return 16
@@ -461,15 +478,16 @@ def image_bits(im) -> int:
     if im.mode == 'F': return 32
     return 8
 
+# %% ../nbs/05_data.ipynb #d313bc52
 def image_range(path) -> dict:
     "What an input photograph holds: PIL mode, bits per sample, raw min and max (recorded by `condiff detect`)."
     im = _open_image(path)
     a = np.asarray(im)
     return dict(mode=im.mode, bits=image_bits(im), min=float(a.min()), max=float(a.max()))
 
+# %% ../nbs/05_data.ipynb #71f56b86
 def load_fundus_mask(path, size:int=128, image_size=None) -> np.ndarray:
     "A 0/255 lesion mask as 1×size×size bool (nearest resize, centre crop); `image_size` (W, H) is checked if given."
-    from PIL import Image
     im = _open_image(path, 'mask')
     if image_size is not None and tuple(im.size) != tuple(image_size):
         raise ValueError(f"{path}: mask size {im.size} does not match its image's size {tuple(image_size)} (W×H)")
@@ -491,6 +509,7 @@ def ddr_files(root):
         raise ValueError(f"{base/'unhealthy'}: images and segmentations do not pair up by name; unmatched: {miss[:5]}")
     return healthy, anom, segs
 
+# %% ../nbs/05_data.ipynb #a1c35954
 def _fundus_job(job):
     img, mask, size = job
     x = load_fundus(img, size)
@@ -525,6 +544,7 @@ def load_ddr(root, pool:str, *,
     log.info("ddr %s: %d images, %d anomalous", pool, s['slices'], s['anomalous_slices'])
     return ss
 
+# %% ../nbs/05_data.ipynb #3a8e727e
 def split_ddr_test(ss:SliceSet, test_split='big') -> SliceSet:
     "DDR test split per group: anomalous[:k_a] + healthy[:k_h] ('big': int(0.9·n) each; 'small': the rest)."
     groups = [np.flatnonzero([volume_of(i) == g for i in ss.ids]) for g in ('unhealthy', 'healthy')]
@@ -539,8 +559,8 @@ def split_ddr_test(ss:SliceSet, test_split='big') -> SliceSet:
 
 # %% ../nbs/05_data.ipynb #80ddc422
 REAL_DATASETS = ('camcan', 'brats', 'atlas', 'ddr')
-PHANTOM_DATASETS = ('phantom-brain', 'phantom-brats', 'phantom-atlas', 'phantom-fundus', 'phantom-ddr')
 SPLITS = ('train', 'val', 'test')
+DATASETS = {}  # the dataset registry: name -> loader(split, sequence, root, seed, cache_dir, **kw) -> SliceSet
 _POOLS = {'camcan': ('train',), 'brats': ('test',), 'atlas': ('test',), 'ddr': ('train', 'test')}
 _ZERO_BELOW = {'camcan': 1e-4, 'brats': 1e-4, 'atlas': 0.1}
 _OPTS = {'mri': dict(size=128, slice_range=(0, 155), zero_below=None, mask_threshold=0.4),
@@ -552,6 +572,7 @@ def default_cache_dir() -> Path:
     "Where preprocessed real datasets are cached: `$CONDIFF_CACHE/real`, else `~/.cache/condiff/real`."
     return Path(os.environ.get('CONDIFF_CACHE') or '~/.cache/condiff').expanduser() / 'real'
 
+# %% ../nbs/05_data.ipynb #b80eab06
 def _fingerprint(files, root:Path):
     out = []
     for f in files:
@@ -559,6 +580,7 @@ def _fingerprint(files, root:Path):
         out.append([os.path.relpath(f, root), st.st_size, st.st_mtime_ns])
     return out
 
+# %% ../nbs/05_data.ipynb #42a20e8c
 def _cached(cache_dir, stem:str, key:dict, build):
     "Return the cached SliceSet for `key`, or build, save atomically and return it."
     if cache_dir is False: return build()
@@ -573,39 +595,18 @@ def _cached(cache_dir, stem:str, key:dict, build):
     save_sliceset(ss, path)
     return ss
 
-def _phantom(name, split, sequence, seed, cache_dir, kw):
-    try: ph = importlib.import_module('condiff.phantom')
-    except ImportError as e: raise ImportError(f"{name} needs condiff.phantom, which could not be imported ({e})") from e
-    test_only = {'phantom-brats', 'phantom-atlas', 'phantom-ddr'}
-    if name in test_only and split != 'test':
-        raise ValueError(f"{name} is a test set: split must be 'test', got {split!r} (training data: "
-                         f"{'phantom-fundus' if name == 'phantom-ddr' else 'phantom-brain'})")
-    if name not in test_only and split not in ('train', 'val'):
-        raise ValueError(f"{name} is a training set: split must be 'train' or 'val', got {split!r}")
-    if name in ('phantom-brain', 'phantom-brats') and sequence not in ('t1', 't2'):
-        raise ValueError(f"{name} needs sequence 't1' or 't2', got {sequence!r}")
-    if name == 'phantom-atlas' and sequence not in (None, 't1'): raise ValueError(f"phantom-atlas is T1 only, got sequence {sequence!r}")
-    if name in ('phantom-fundus', 'phantom-ddr') and sequence is not None: raise ValueError(f"{name} has no sequence, got {sequence!r}")
-    common = dict(seed=seed, cache_dir=cache_dir, **kw)
-    if name == 'phantom-brain': return ph.phantom_brain(split, sequence, **common)
-    if name == 'phantom-brats': return ph.phantom_brats(sequence, **common)
-    if name == 'phantom-atlas': return ph.phantom_atlas(**common)
-    if name == 'phantom-fundus': return ph.phantom_fundus(split, **common)
-    return ph.phantom_ddr(**common)
-
-def get_dataset(name:str,  # a real dataset (camcan, brats, atlas, ddr) or a phantom (phantom-brain, ...)
-                split:str,  # 'train', 'val' or 'test'
-                sequence:str|None=None,  # 't1' or 't2' for brain MRI
-                root=None,  # the datasets folder holding MRI/ and RF/ (real datasets only)
-                seed:int=0,  # phantoms only: the real datasets are deterministic
-                cache_dir=None,  # cache folder; None: default_cache_dir(); False: no cache
-                **kw) -> SliceSet:
-    "The slices of one dataset split, preprocessed as the official benchmark (see the table above)."
+# %% ../nbs/05_data.ipynb #c7991866
+def load_real(name:str,  # a real dataset: camcan, brats, atlas or ddr
+              split:str,  # 'train', 'val' or 'test'
+              sequence:str|None=None,  # 't1' or 't2' for brain MRI
+              root=None,  # the datasets folder holding MRI/ and RF/
+              cache_dir=None,  # cache folder; None: default_cache_dir(); False: no cache
+              **kw) -> SliceSet:
+    "The slices of one real dataset split, preprocessed as the official benchmark (see the table above)."
     name = str(name).lower()
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     seq = None if sequence is None else str(sequence).lower()
-    if name in PHANTOM_DATASETS: return _phantom(name, split, seq, seed, cache_dir, kw)
-    if name not in REAL_DATASETS: raise ValueError(f"unknown dataset {name!r}; known: {REAL_DATASETS + PHANTOM_DATASETS}")
+    if name not in REAL_DATASETS: raise ValueError(f"unknown dataset {name!r} (real datasets: {REAL_DATASETS}; all: condiff.experiment.get_dataset)")
     pool = 'train' if split in ('train', 'val') else 'test'
     if pool not in _POOLS[name]:
         raise ValueError(f"{name} has no {split!r} split (it is a {'training' if pool == 'test' else 'test'} set)")
@@ -646,12 +647,24 @@ def get_dataset(name:str,  # a real dataset (camcan, brats, atlas, ddr) or a pha
     log.info("%s: %s volumes, %d slices, %d anomalous", out.name, s['volumes'], s['slices'], s['anomalous_slices'])
     return out
 
+# %% ../nbs/05_data.ipynb #e5fbc44d
+def register_dataset(name:str, # the name `get_dataset` knows it by
+                     loader, # loader(split, sequence, root, seed, cache_dir, **kw) -> SliceSet
+                    ):
+    "Add a dataset to the registry (`DATASETS`) that `condiff.experiment.get_dataset` reads; returns `loader`."
+    DATASETS[str(name).lower()] = loader
+    return loader
+
+def _real(name, split, sequence=None, root=None, seed=0, cache_dir=None, **kw):
+    return load_real(name, split, sequence, root, cache_dir, **kw)  # deterministic: no seed
+
+for _n in REAL_DATASETS: register_dataset(_n, partial(_real, _n))
+
 # %% ../nbs/05_data.ipynb #5655d891
 REGISTRATION = dict(nbins=32, sampling_proportion=None, level_iters=(100, 10, 5), sigmas=(3.0, 1.0, 1.0), factors=(4, 2, 1))
 
 def _save_nifti(arr:np.ndarray, affine:np.ndarray, path):
     "Save atomically, as int16 if every value is an integer (the official rule), else float32."
-    import nibabel as nib
     arr = np.asarray(arr)
     with np.errstate(invalid='ignore', over='ignore'):
         dtype = np.int16 if np.abs(arr - arr.astype(np.int16)).sum() == 0 else np.float32

@@ -124,6 +124,7 @@ def randn_tensor(shape, # the full shape, batch first
     x = torch.randn(shape, generator=generator, device=_gen_device(generator, device), dtype=torch.float32)
     return x.to(device=device, dtype=dtype)
 
+# %% ../nbs/00_ddpm.ipynb #3f739ab0
 def offset_noise(x0:torch.Tensor, # clean images B×C×H×W (only the shape, device and dtype are used)
                  offset:float=0.1, # scale of the per-sample, per-channel constant; 0 gives plain N(0, I)
                  generator=None, # None, a torch.Generator, or a list of generators (one per sample)
@@ -169,6 +170,7 @@ def check_prediction_type(prediction_type:str) -> str:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return prediction_type
 
+# %% ../nbs/00_ddpm.ipynb #b77f0d76
 def min_snr_weight(sched:NoiseSchedule, # the noise schedule
                    t, # timesteps, LongTensor [B]
                    gamma:float=1.0, # the Min-SNR γ
@@ -196,6 +198,7 @@ def prediction_target(sched:NoiseSchedule, # the noise schedule
     ab = _bcast(sched.table(x0.device)[t], x0.ndim).to(x0.dtype)
     return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
+# %% ../nbs/00_ddpm.ipynb #27bc6be6
 def eps_from_prediction(sched:NoiseSchedule, # the noise schedule
                         out:torch.Tensor, # the network's output at (x_t, t)
                         x_t:torch.Tensor, # the noisy input it saw
@@ -288,10 +291,10 @@ class StridedSampler:
         opts = ', '.join(f"{k}={v!r}" for k, v in self._opts().items())
         return f"{type(self).__name__}({opts}; {self.num_inference_steps} steps)"
 
-
+# %% ../nbs/00_ddpm.ipynb #4482cb92
 class DDPMSampler(StridedSampler):
     "The paper's sampler: ancestral DDPM on strided 'leading' timesteps, fixed_small variance, x̂0 clipped (diffusers' `DDPMScheduler()`)."
-    def __init__(self,
+    def __init__(self, *, # options by keyword only (the two samplers take different ones)
                  schedule:NoiseSchedule|None=None, # the training schedule (default: linear, T=1000)
                  clip_sample:bool=True, # clamp x̂0 at every step (paper: True)
                  clip_sample_range:float=1.0, # clamp to ±this (paper: 1, also for MRI data in [0, 1])
@@ -337,7 +340,7 @@ class DDPMSampler(StridedSampler):
 # %% ../nbs/00_ddpm.ipynb #5dbd4d38
 class DDIMSampler(StridedSampler):
     "DDIM on strided 'leading' timesteps, as diffusers' `DDIMScheduler()` (ε-prediction)."
-    def __init__(self,
+    def __init__(self, *, # options by keyword only: `DDIMSampler(0.5)` would read as a schedule in `DDPMSampler`'s order
                  eta:float=0.0, # noise weight: 0 = deterministic DDIM, 1 = DDPM posterior variance
                  clip_sample:bool=True, # clamp x̂0 to ±clip_sample_range
                  set_alpha_to_one:bool=True, # ᾱ_prev = 1 on the last step (else ᾱ_0)
@@ -394,6 +397,7 @@ def step_noise(shape, # the full shape, batch first
     if not pin or any(g is None or g.device.type != 'cpu' for g in gens): return randn_tensor(shape, generator, device, dtype)
     return _draw_host(shape, generator, pin=True).to(device=device, dtype=dtype, non_blocking=True)
 
+# %% ../nbs/00_ddpm.ipynb #9c33e48b
 def _draw_host(shape, generator, pin:bool=False) -> torch.Tensor:
     "CPU float32 N(0,1) draws into one (optionally pinned) buffer: row i from generator i, as `randn_tensor`."
     buf = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=pin)

@@ -8,9 +8,11 @@ Docs: https://condiff.github.io/condiff/metrics.html.md"""
 from __future__ import annotations
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['image_metrics', 'pixel_metrics', 'StreamingMetrics', 'RestorationMeter', 'restoration_quality']
+__all__ = ['METRIC_KEYS', 'image_metrics', 'pixel_metrics', 'StreamingMetrics', 'RestorationMeter', 'restoration_quality',
+           'fold_summary']
 
 # %% ../nbs/04_metrics.ipynb #f1ad8cc3
 def _ap_dice(pos:np.ndarray, # positives in each group, groups in decreasing value order
@@ -102,6 +104,7 @@ def _f16_counts(v:np.ndarray, m:np.ndarray):
     for h in (tot, pos): h[0] += h[0x8000]; h[0x8000] = 0  # -0.0 is 0.0
     return tot, pos
 
+# %% ../nbs/04_metrics.ipynb #624226d7
 def _f16_problem(tot:np.ndarray):
     "None if every counted float16 pattern is a finite non-negative value, else ('nonfinite'|'negative', message)."
     nan = int(tot[0x7C01:0x8000].sum() + tot[0xFC01:].sum()); inf = int(tot[0x7C00] + tot[0xFC00])
@@ -110,6 +113,7 @@ def _f16_problem(tot:np.ndarray):
     if neg: return 'negative', f"maps contain {neg} negative values"
     return None
 
+# %% ../nbs/04_metrics.ipynb #a96d6dd9
 def _from_hist(tot:np.ndarray, pos:np.ndarray):
     "AP and max-Dice from per-bin counts in increasing value order."
     keep = tot > 0
@@ -117,6 +121,7 @@ def _from_hist(tot:np.ndarray, pos:np.ndarray):
     tp = np.cumsum(pos)
     return _ap_dice(pos, tp, np.cumsum(tot), int(tp[-1]))
 
+# %% ../nbs/04_metrics.ipynb #18d65451
 def _sorted_exact(v:np.ndarray, m:np.ndarray, P:int):
     "AP and max-Dice of arbitrary finite values by one sort (exact, ties grouped)."
     nz = v != 0  # exact zeros (half of a typical map) are one tied group: count them instead of sorting them
@@ -127,6 +132,7 @@ def _sorted_exact(v:np.ndarray, m:np.ndarray, P:int):
     c, n = c[::-1], n[::-1]
     return _ap_dice(c, np.cumsum(c), n, P)
 
+# %% ../nbs/04_metrics.ipynb #e73aae6b
 def pixel_metrics(masks, # ground-truth masks (bool or 0/1), any shape, e.g. N×1×H×W
                   maps, # anomaly maps of the same shape (higher = more anomalous)
                  ) -> dict: # {'AP_p': ..., 'max_Dice': ...}
@@ -161,10 +167,12 @@ def _f32_keys(v:np.ndarray) -> np.ndarray:
     b[zero] = 0
     return b
 
+# %% ../nbs/04_metrics.ipynb #ae8e9fc0
 def _f16_to_f32_keys() -> np.ndarray:
     "The fine-histogram bin of every finite non-negative float16 pattern 0..0x7BFF (distinct patterns, distinct bins)."
     return _f32_keys(np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32))
 
+# %% ../nbs/04_metrics.ipynb #b23db271
 def _add_into(h:np.ndarray|None, c:np.ndarray) -> np.ndarray:
     "h + c for int64 count arrays of different lengths (grows h as needed)."
     if h is None: return c.astype(np.int64)
@@ -172,6 +180,7 @@ def _add_into(h:np.ndarray|None, c:np.ndarray) -> np.ndarray:
     h[:c.size] += c
     return h
 
+# %% ../nbs/04_metrics.ipynb #0871cd24
 class StreamingMetrics:
     "Accumulate anomaly maps, masks and image scores batch by batch; `compute()` gives AP_i, AUROC, AP_p, max_Dice."
     def __init__(self):
@@ -179,109 +188,130 @@ class StreamingMetrics:
         self.tot32 = self.pos32 = None  # fine float32 histogram, allocated by the first non-float16 batch
         self._scores, self._labels = [], []
 
-    @property
-    def exact(self) -> bool:
-        "True while every map seen was exactly float16 (then AP_p and max_Dice are exact)."
-        return self.tot32 is None
+# %% ../nbs/04_metrics.ipynb #90e772ce
+@patch(as_prop=True)
+def exact(self:StreamingMetrics) -> bool:
+    "True while every map seen was exactly float16 (then AP_p and max_Dice are exact)."
+    return self.tot32 is None
 
-    @property
-    def n_pixels(self) -> int: return int(self.tot16.sum() + (0 if self.tot32 is None else self.tot32.sum()))
+# %% ../nbs/04_metrics.ipynb #7c6ebe4c
+@patch(as_prop=True)
+def n_pixels(self:StreamingMetrics) -> int: return int(self.tot16.sum() + (0 if self.tot32 is None else self.tot32.sum()))
 
-    @property
-    def n_images(self) -> int: return sum(len(s) for s in self._scores)
+# %% ../nbs/04_metrics.ipynb #342a8811
+@patch(as_prop=True)
+def n_images(self:StreamingMetrics) -> int: return sum(len(s) for s in self._scores)
 
-    def update(self, maps, # N×1×H×W (any N×...) non-negative anomaly maps, numpy or torch
-               masks, # ground-truth masks of the same shape (bool or 0/1)
-               scores=None, # N image scores; default: the mean of each map (float64)
-               labels=None, # N image labels; default: 1 iff the image's mask has a positive pixel
-              ):
-        "Add one batch. All checks happen before any state changes."
-        v, m = _values(maps, 'maps'), _binary(masks, 'masks')
-        if v.shape != m.shape: raise ValueError(f"maps {v.shape} and masks {m.shape} differ in shape")
-        if v.ndim < 2 or v.size == 0: raise ValueError(f"maps must be a non-empty N×... batch, got shape {v.shape}")
-        N = v.shape[0]
-        vf, mf = v.reshape(-1), m.reshape(-1)
-        h = _f16_counts(vf, mf)
-        if h is not None:
-            problem = _f16_problem(h[0])
-            if problem: raise ValueError(problem[1] + " (the histogram needs finite values >= 0)")
-        else:
-            lo, hi = np.min(vf), np.max(vf)
-            if np.isnan(lo) or np.isnan(hi) or np.isinf(hi): raise ValueError("maps contain NaN or Inf")
-            if lo < 0: raise ValueError(f"maps contain negative values (min {lo}); the histogram needs values >= 0")
-            tot, pos = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for i in range(0, vf.size, _CHUNK):
-                k = _f32_keys(vf[i:i + _CHUNK])
-                tot = _add_into(tot, np.bincount(k)); pos = _add_into(pos, np.bincount(k[mf[i:i + _CHUNK]]))
-        if scores is None: s = v.reshape(N, -1).mean(1, dtype=np.float64)
-        else:
-            s = _values(scores, 'scores').reshape(-1)
-            if s.size != N: raise ValueError(f"{s.size} scores for {N} maps")
-            if not np.isfinite(s).all(): raise ValueError("scores contain NaN or Inf")
-        if labels is None: y = m.reshape(N, -1).any(1)
-        else:
-            y = _binary(labels, 'labels').reshape(-1)
-            if y.size != N: raise ValueError(f"{y.size} labels for {N} maps")
-        # all checks passed: change the state
-        if h is not None: self.tot16 += h[0]; self.pos16 += h[1]
-        else: self.tot32, self.pos32 = _add_into(self.tot32, tot), _add_into(self.pos32, pos)
-        self._scores.append(np.asarray(s, np.float64)); self._labels.append(np.asarray(y, bool))
-        return self
+# %% ../nbs/04_metrics.ipynb #237c9a23
+@patch
+def update(self:StreamingMetrics, masks, # ground-truth masks (bool or 0/1), N×1×H×W (any N×...): the targets first, as sklearn
+           maps, # non-negative anomaly maps of the same shape, numpy or torch: the predictions
+           labels=None, # N image labels; default: 1 iff the image's mask has a positive pixel
+           scores=None, # N image scores; default: the mean of each map (float64)
+          ):
+    "Add one batch. All checks happen before any state changes."
+    try: m = _binary(masks, 'masks')
+    except ValueError as e: raise ValueError(f"{e} (the targets come first, as in sklearn: update(masks, maps))") from None
+    v = _values(maps, 'maps')
+    if v.shape != m.shape: raise ValueError(f"maps {v.shape} and masks {m.shape} differ in shape")
+    if v.ndim < 2 or v.size == 0: raise ValueError(f"maps must be a non-empty N×... batch, got shape {v.shape}")
+    N = v.shape[0]
+    vf, mf = v.reshape(-1), m.reshape(-1)
+    h = _f16_counts(vf, mf)
+    if h is not None:
+        problem = _f16_problem(h[0])
+        if problem: raise ValueError(problem[1] + " (the histogram needs finite values >= 0)")
+    else:
+        lo, hi = np.min(vf), np.max(vf)
+        if np.isnan(lo) or np.isnan(hi) or np.isinf(hi): raise ValueError("maps contain NaN or Inf")
+        if lo < 0: raise ValueError(f"maps contain negative values (min {lo}); the histogram needs values >= 0")
+        tot, pos = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for i in range(0, vf.size, _CHUNK):
+            k = _f32_keys(vf[i:i + _CHUNK])
+            tot = _add_into(tot, np.bincount(k)); pos = _add_into(pos, np.bincount(k[mf[i:i + _CHUNK]]))
+    if scores is None: s = v.reshape(N, -1).mean(1, dtype=np.float64)
+    else:
+        s = _values(scores, 'scores').reshape(-1)
+        if s.size != N: raise ValueError(f"{s.size} scores for {N} maps")
+        if not np.isfinite(s).all(): raise ValueError("scores contain NaN or Inf")
+    if labels is None: y = m.reshape(N, -1).any(1)
+    else:
+        y = _binary(labels, 'labels').reshape(-1)
+        if y.size != N: raise ValueError(f"{y.size} labels for {N} maps")
+    # all checks passed: change the state
+    if h is not None: self.tot16 += h[0]; self.pos16 += h[1]
+    else: self.tot32, self.pos32 = _add_into(self.tot32, tot), _add_into(self.pos32, pos)
+    self._scores.append(np.asarray(s, np.float64)); self._labels.append(np.asarray(y, bool))
+    return self
 
-    def merge(self, other:StreamingMetrics):
-        "Add another accumulator's counts and scores into this one (e.g. gathered from other processes)."
-        self.tot16 += other.tot16; self.pos16 += other.pos16
-        if other.tot32 is not None:
-            self.tot32, self.pos32 = _add_into(self.tot32, other.tot32), _add_into(self.pos32, other.pos32)
-        self._scores += other._scores; self._labels += other._labels
-        return self
+# %% ../nbs/04_metrics.ipynb #b640bf7d
+@patch
+def merge(self:StreamingMetrics, other:StreamingMetrics):
+    "Add another accumulator's counts and scores into this one (e.g. gathered from other processes)."
+    self.tot16 += other.tot16; self.pos16 += other.pos16
+    if other.tot32 is not None:
+        self.tot32, self.pos32 = _add_into(self.tot32, other.tot32), _add_into(self.pos32, other.pos32)
+    self._scores += other._scores; self._labels += other._labels
+    return self
 
-    def _pixel_hist(self):
-        "(total, positive) counts in increasing value order, and the bins known to hold a single value."
-        if self.tot32 is None: return self.tot16[:0x7C00], self.pos16[:0x7C00], np.ones(0x7C00, bool)
-        k = _f16_to_f32_keys()
-        size = max(self.tot32.size, int(k[-1]) + 1)
-        tot, pos = (_add_into(h.copy(), np.bincount(k, weights=h16[:0x7C00], minlength=size).astype(np.int64))
-                    for h, h16 in ((self.tot32, self.tot16), (self.pos32, self.pos16)))
-        single = np.zeros(tot.size, bool); single[0] = True  # bin 0 holds exactly the value 0
-        return tot, pos, single
+# %% ../nbs/04_metrics.ipynb #a757dbfd
+@patch
+def _pixel_hist(self:StreamingMetrics):
+    "(total, positive) counts in increasing value order, and the bins known to hold a single value."
+    if self.tot32 is None: return self.tot16[:0x7C00], self.pos16[:0x7C00], np.ones(0x7C00, bool)
+    k = _f16_to_f32_keys()
+    size = max(self.tot32.size, int(k[-1]) + 1)
+    tot, pos = (_add_into(h.copy(), np.bincount(k, weights=h16[:0x7C00], minlength=size).astype(np.int64))
+                for h, h16 in ((self.tot32, self.tot16), (self.pos32, self.pos16)))
+    single = np.zeros(tot.size, bool); single[0] = True  # bin 0 holds exactly the value 0
+    return tot, pos, single
 
-    def _check_pixels(self):
-        if self.n_pixels == 0: raise ValueError("no maps: call update() first")
-        if self.pos16.sum() + (0 if self.pos32 is None else self.pos32.sum()) == 0:
-            raise ValueError("masks contain no positive pixel: AP_p and max_Dice are undefined")
+# %% ../nbs/04_metrics.ipynb #f94edf37
+@patch
+def _check_pixels(self:StreamingMetrics):
+    if self.n_pixels == 0: raise ValueError("no maps: call update() first")
+    if self.pos16.sum() + (0 if self.pos32 is None else self.pos32.sum()) == 0:
+        raise ValueError("masks contain no positive pixel: AP_p and max_Dice are undefined")
 
-    def image_metrics(self) -> dict: # {'AP_i', 'AUROC'}
-        "Image-level metrics of everything seen so far (`image_metrics` on the kept scores and labels)."
-        if not self._scores: raise ValueError("no maps: call update() first")
-        return image_metrics(np.concatenate(self._labels), np.concatenate(self._scores))
+# %% ../nbs/04_metrics.ipynb #6409c721
+@patch
+def image_metrics(self:StreamingMetrics) -> dict: # {'AP_i', 'AUROC'}
+    "Image-level metrics of everything seen so far (`image_metrics` on the kept scores and labels)."
+    if not self._scores: raise ValueError("no maps: call update() first")
+    return image_metrics(np.concatenate(self._labels), np.concatenate(self._scores))
 
-    def pixel_metrics(self) -> dict: # {'AP_p', 'max_Dice'}
-        "Pixel-level metrics of everything seen so far, from the histograms."
-        self._check_pixels()
-        ap, dice = _from_hist(*self._pixel_hist()[:2])
-        return {'AP_p': ap, 'max_Dice': dice}
+# %% ../nbs/04_metrics.ipynb #2ca2dc95
+@patch
+def pixel_metrics(self:StreamingMetrics) -> dict: # {'AP_p', 'max_Dice'}
+    "Pixel-level metrics of everything seen so far, from the histograms."
+    self._check_pixels()
+    ap, dice = _from_hist(*self._pixel_hist()[:2])
+    return {'AP_p': ap, 'max_Dice': dice}
 
-    def compute(self) -> dict: # {'AP_i', 'AUROC', 'AP_p', 'max_Dice'}
-        "The four metrics of everything seen so far."
-        return {**self.image_metrics(), **self.pixel_metrics()}
+# %% ../nbs/04_metrics.ipynb #b1039e23
+@patch
+def compute(self:StreamingMetrics) -> dict: # {'AP_i', 'AUROC', 'AP_p', 'max_Dice'}
+    "The four metrics of everything seen so far."
+    return {**self.image_metrics(), **self.pixel_metrics()}
 
-    def bounds(self) -> dict: # {'AP_p': (lo, hi), 'max_Dice': (lo, hi)}
-        "Rigorous intervals that hold the exact AP_p and max_Dice (zero width when `exact`)."
-        self._check_pixels()
-        tot, pos, single = self._pixel_hist()
-        keep = tot > 0
-        tot, pos, single = tot[keep][::-1].astype(np.float64), pos[keep][::-1].astype(np.float64), single[keep][::-1]
-        P, tp, n = pos.sum(), np.cumsum(pos), np.cumsum(tot)
-        ap, dice = _ap_dice(pos, tp, n, P)
-        multi = ~single & (pos > 0)  # bins that may hold several distinct values, with positives in them
-        if not multi.any(): return {'AP_p': (ap, ap), 'max_Dice': (dice, dice)}
-        p, q, a, c = pos[multi], tot[multi] - pos[multi], tp[multi] - pos[multi], n[multi] - tot[multi]
-        rest = ap - float(np.sum(p * (a + p) / (c + p + q)) / P)  # AP without the multi-valued bins
-        ap_lo = rest + float(np.sum(p * (a + 1) / (c + 1 + q)) / P)  # each positive's precision >= (a+1)/(c+1+q)
-        ap_hi = rest + float(np.sum(p * (a + p) / (c + p)) / P)  # ... and <= (a+p)/(c+p)
-        dice_hi = max(dice, float(np.max(2 * (a + p) / (c + p + P))))  # best F1 a split of the bin could reach
-        return {'AP_p': (min(ap_lo, ap), max(ap_hi, ap)), 'max_Dice': (dice, dice_hi)}
+# %% ../nbs/04_metrics.ipynb #f2585a31
+@patch
+def bounds(self:StreamingMetrics) -> dict: # {'AP_p': (lo, hi), 'max_Dice': (lo, hi)}
+    "Rigorous intervals that hold the exact AP_p and max_Dice (zero width when `exact`)."
+    self._check_pixels()
+    tot, pos, single = self._pixel_hist()
+    keep = tot > 0
+    tot, pos, single = tot[keep][::-1].astype(np.float64), pos[keep][::-1].astype(np.float64), single[keep][::-1]
+    P, tp, n = pos.sum(), np.cumsum(pos), np.cumsum(tot)
+    ap, dice = _ap_dice(pos, tp, n, P)
+    multi = ~single & (pos > 0)  # bins that may hold several distinct values, with positives in them
+    if not multi.any(): return {'AP_p': (ap, ap), 'max_Dice': (dice, dice)}
+    p, q, a, c = pos[multi], tot[multi] - pos[multi], tp[multi] - pos[multi], n[multi] - tot[multi]
+    rest = ap - float(np.sum(p * (a + p) / (c + p + q)) / P)  # AP without the multi-valued bins
+    ap_lo = rest + float(np.sum(p * (a + 1) / (c + 1 + q)) / P)  # each positive's precision >= (a+1)/(c+1+q)
+    ap_hi = rest + float(np.sum(p * (a + p) / (c + p)) / P)  # ... and <= (a+p)/(c+p)
+    dice_hi = max(dice, float(np.max(2 * (a + p) / (c + p + P))))  # best F1 a split of the bin could reach
+    return {'AP_p': (min(ap_lo, ap), max(ap_hi, ap)), 'max_Dice': (dice, dice_hi)}
 
 # %% ../nbs/04_metrics.ipynb #11ec789f
 class RestorationMeter:
@@ -327,6 +357,27 @@ class RestorationMeter:
                     healthy_fidelity=self.err_healthy / self.n_healthy if self.n_healthy else None,
                     n_lesion_px=self.n_lesion, n_healthy_px=self.n_healthy)
 
+# %% ../nbs/04_metrics.ipynb #b1d35d4a
 def restoration_quality(images, restorations, healthy, masks) -> dict:
     "Lesion removal and healthy fidelity of one set at once (see `RestorationMeter`)."
     return RestorationMeter().update(images, restorations, healthy, masks).compute()
+
+# %% ../nbs/04_metrics.ipynb #6a33542e
+METRIC_KEYS = ('AP_i', 'AUROC', 'AP_p', 'max_Dice')  # the four numbers of Table 1, in the paper's order
+
+def fold_summary(fold_metrics, # one metrics dict per fold (keys as `condiff.metrics`), or {fold: dict}
+                 ddof:int=0, # 0: population std (numpy default); 1: sample std
+                ) -> dict: # {'avg': {...}, 'max': {...}, 'std': {...}}
+    "Ours_avg, Ours_max and Ours_std: mean, per-metric maximum and standard deviation over the folds."
+    ms = list(fold_metrics.values()) if isinstance(fold_metrics, dict) else list(fold_metrics)
+    if not ms: raise ValueError("fold_summary needs the metrics of at least one fold")
+    if ddof not in (0, 1): raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    out = {'avg': {}, 'max': {}, 'std': {}}
+    for m in METRIC_KEYS:
+        missing = [i for i, d in enumerate(ms) if m not in d]
+        if missing: raise ValueError(f"metric {m!r} missing from fold result(s) at position {missing}")
+        v = np.array([float(d[m]) for d in ms])
+        if not np.isfinite(v).all(): raise ValueError(f"metric {m!r} is not finite in some fold: {v.tolist()}")
+        out['avg'][m], out['max'][m] = float(v.mean()), float(v.max())
+        out['std'][m] = float(v.std(ddof=ddof)) if len(v) > ddof else float('nan')
+    return out

@@ -7,21 +7,24 @@ Docs: https://condiff.github.io/condiff/phantom.html.md"""
 # %% ../nbs/06_phantom.ipynb #d4bd758a
 from __future__ import annotations
 import copy, hashlib, json, os, warnings
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 import numpy as np
+import skimage.data
+from PIL import Image
 from scipy import ndimage as ndi
+from skimage.measure import label as connected_components
 from tqdm.auto import tqdm
-from .data import (SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit,
-                          binarise, resize_center_crop)
+from .checks import quarantine
+from .data import SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit, binarise, resize_center_crop, register_dataset
 
 # %% auto #0
 __all__ = ['STREAMS', 'PHANTOM_VERSION', 'FOV', 'MNI_SHAPE', 'PAD', 'Z_MAX', 'BOX', 'SEQUENCES', 'CONTRASTS', 'RF_WORK',
-           'DR_TYPES', 'DEFAULTS', 'NORMAL_SPLIT', 'PAPER_RANDOM', 'mni_tissues', 'BrainSubject', 'sample_tissues',
-           'bias_field', 'render_mri', 'preprocess_mri', 'brain_subject', 'tumour_params', 'mass_effect',
-           'tumour_layers', 'stroke_params', 'stroke_layers', 'retina_base', 'FundusView', 'preprocess_fundus',
-           'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'noise_floor', 'phantom_brain', 'phantom_brats',
-           'phantom_atlas', 'phantom_fundus', 'phantom_ddr', 'lesion_stats']
+           'DR_TYPES', 'DEFAULTS', 'NORMAL_SPLIT', 'PHANTOM_DATASETS', 'PAPER_RANDOM', 'mni_tissues', 'BrainSubject',
+           'sample_tissues', 'bias_field', 'render_mri', 'preprocess_mri', 'brain_subject', 'tumour_params',
+           'mass_effect', 'tumour_layers', 'stroke_params', 'stroke_layers', 'retina_base', 'FundusView',
+           'preprocess_fundus', 'dr_lesions', 'fundus_image', 'phantom_cache_dir', 'noise_floor', 'phantom_brain',
+           'phantom_brats', 'phantom_atlas', 'phantom_fundus', 'phantom_ddr', 'phantom_dataset', 'lesion_stats']
 
 # %% ../nbs/06_phantom.ipynb #ba518f3a
 STREAMS = dict(brain=1, brats=2, atlas=3, fundus=4, ddr=5)  # one random stream per dataset: subjects never shared
@@ -103,6 +106,7 @@ class BrainSubject:
         q = _lerp_axis(q, (xs - xs[0]) / step, 2)
         return _lerp_axis(q, (ys - ys[0]) / step, 3)
 
+# %% ../nbs/06_phantom.ipynb #4228f0da
 def _lerp_axis(a, f, axis):
     "Linearly interpolate `a` along `axis` at fractional indices `f`."
     i0 = np.minimum(np.floor(f).astype(int), a.shape[axis] - 2)
@@ -145,6 +149,7 @@ def bias_field(rng:np.random.Generator, shape:tuple, amp:float=0.12) -> np.ndarr
         + (c[1] + c[3] * X + c[5] * Z) * Y + c[7] * (Y ** 2 - 1 / 3)
     return np.exp(b.astype(np.float32))
 
+# %% ../nbs/06_phantom.ipynb #baabe882
 def render_mri(tissues:dict, # from `sample_tissues`
                sequence:str, # 't1' or 't2'
                rng:np.random.Generator, # this scan's stream (contrast jitter, bias, noise)
@@ -269,12 +274,14 @@ def tumour_params(rng:np.random.Generator) -> dict:
     return dict(center=c, r_wt=r_wt, r_core=r_core, r_nec=r_nec, enhancing=bool(rng.random() < 0.8),
                 mass=rng.uniform(0.0, 0.3), u=rng.uniform(0, 1, 6), seeds=rng.integers(2**31, size=3))
 
+# %% ../nbs/06_phantom.ipynb #76e6b8c0
 def mass_effect(q:np.ndarray, p:dict) -> np.ndarray:
     "Coordinates at which to sample tissue so that it looks pushed away from the tumour centre."
     c = p['center'].reshape(3, *[1] * (q.ndim - 1))
     d = q - c
     return c + d * (1 - p['mass'] * np.exp(-(d ** 2).sum(0) / (2 * p['r_wt'] ** 2)))
 
+# %% ../nbs/06_phantom.ipynb #ba4b01bb
 def tumour_layers(p:dict, q:np.ndarray, tissues:dict):
     "BraTS label map (1 necrosis, 2 oedema, 4 enhancing; float32) and the blending layers of tumour `p` at coordinates `q`."
     d = np.sqrt(((q - p['center'].reshape(3, *[1] * (q.ndim - 1))) ** 2).sum(0))
@@ -313,6 +320,7 @@ def stroke_params(rng:np.random.Generator) -> list:
         out.append(dict(center=c, axes=axes, rot=rot, u=rng.uniform(0.0, 0.45), seed=int(rng.integers(2**31))))
     return out
 
+# %% ../nbs/06_phantom.ipynb #caa59828
 def stroke_layers(ps:list, q:np.ndarray, tissues:dict):
     "0/1 label map (float32) and the blending layers (T1 only) of the strokes `ps` at template coordinates `q`."
     lab, layers = np.zeros(q.shape[1:], np.float32), []
@@ -332,9 +340,7 @@ RF_WORK = 512  # working resolution of the fundus phantom (the photograph is 141
 @lru_cache(1)
 def retina_base() -> dict:
     "scikit-image's retina photograph at `RF_WORK`² (PIL RGBA: the alpha is the field of view), optic disc / FOV geometry (px)."
-    from skimage import data
-    from PIL import Image
-    r = data.retina()
+    r = skimage.data.retina()
     lum = r.astype(np.float32).mean(2)
     fov_full = lum > 20
     s = RF_WORK / r.shape[0]
@@ -345,6 +351,7 @@ def retina_base() -> dict:
     photo.putalpha(fov)
     return dict(photo=photo, disc=disc, center=np.array([ys.mean(), xs.mean()]) * s, radius=np.sqrt(fov_full.sum() / np.pi) * s)
 
+# %% ../nbs/06_phantom.ipynb #cf3122f6
 class FundusView:
     "One healthy 'eye': a random flip, rotation, zoom, shift and smooth warp of the photograph, and a camera."
     def __init__(self, rng:np.random.Generator):
@@ -376,7 +383,6 @@ class FundusView:
 
     def geometry(self, cell:int=64):
         "The warped photograph (H×W×3 float32 in [0,1]), its FOV mask, and disc / FOV centre / radius in output pixels."
-        from PIL import Image
         B, n = retina_base(), RF_WORK // cell
         g = np.arange(n + 1) * cell
         yy, xx = np.meshgrid(g, g, indexing='ij')
@@ -402,11 +408,11 @@ class FundusView:
         out = np.clip(out, 0, 1) * fov[..., None]
         return np.round(out * 255).astype(np.uint8)
 
+# %% ../nbs/06_phantom.ipynb #542d82e6
 def preprocess_fundus(photo:np.ndarray, # H×W×3 uint8 photograph
                       masks:dict|None=None, # name → H×W bool full-resolution masks
                       size:int=128):
     "DDR preprocessing (`condiff.data.resize_center_crop`): image 3×size×size float32 in [0,1]; masks nearest, bool."
-    from PIL import Image
     x = np.asarray(resize_center_crop(Image.fromarray(photo), size, Image.LANCZOS), np.float32).transpose(2, 0, 1) / 255
     m = {k: np.asarray(resize_center_crop(Image.fromarray(v.astype(np.uint8) * 255), size, Image.NEAREST)) > 0
          for k, v in (masks or {}).items()}
@@ -435,6 +441,7 @@ def _blob(img, mask, rng, yx, radius, ratio=1.0, rough=0.0, edge=1.0, colour=Non
     img[y0:y1, x0:x1] = win * (1 - w) + target * w
     mask[y0:y1, x0:x1] |= s <= 1
 
+# %% ../nbs/06_phantom.ipynb #1ac1478c
 def _lesion_site(rng, geo, fov, min_disc=50.0):
     "A random point inside 85% of the field of view, at least `min_disc` px from the optic disc."
     for _ in range(1000):
@@ -444,6 +451,7 @@ def _lesion_site(rng, geo, fov, min_disc=50.0):
                 and fov[int(p[0]), int(p[1])]): return p
     raise RuntimeError("no lesion site found inside the field of view")
 
+# %% ../nbs/06_phantom.ipynb #51c34cf4
 def dr_lesions(img:np.ndarray, # H×W×3 float32 warped photograph, painted in place
                fov:np.ndarray, # H×W bool field of view
                geo:dict, # disc, center, radius (from `FundusView.geometry`)
@@ -475,6 +483,7 @@ def dr_lesions(img:np.ndarray, # H×W×3 float32 warped photograph, painted in p
               rough=0.2, edge=4.0, colour=np.array([0.95, 0.82, 0.68]), alpha=rng.uniform(0.3, 0.5))
     return {t: v & fov for t, v in m.items()}
 
+# %% ../nbs/06_phantom.ipynb #edc1bb64
 def fundus_image(seed:int, # global seed
                  stream:str, # 'fundus' (training) or 'ddr' (test)
                  index, # image number (an int or a tuple of ints) within the stream
@@ -533,7 +542,6 @@ def _cached(keys:dict, # name → cache key (JSON-able) of every set that `build
     if path.exists():
         try: return _load_checked(path, keys[want])
         except Exception as e:
-            from condiff.checks import quarantine  # moved aside as *.corrupt-<time> (warns), never reused
             quarantine(path, f"corrupt or stale phantom cache ({type(e).__name__}: {e}); regenerating it")
     sets = build()
     for name, ss in sets.items():
@@ -563,6 +571,7 @@ def noise_floor(healthy:np.ndarray, # N×C×H×W healthy references
     fg = np.broadcast_to((healthy > 0).any(1, keepdims=True), healthy.shape)
     return float(np.abs(healthy.astype(np.float64) - redraw)[fg].mean()) if fg.any() else 0.0
 
+# %% ../nbs/06_phantom.ipynb #5b1fef9a
 def _mri_sets(kind, seed, n_subjects, slice_step, sequences, lesion, zero_below, progress, size=128):
     "Build the phantom MRI sets of `kind` for all `sequences`: {sequence: SliceSet} (test sets with healthy references)."
     imgs, masks, ids, hs, rs = ({s: [] for s in sequences} for _ in range(5))
@@ -617,6 +626,7 @@ def phantom_brain(split:str, # 'train' or 'val' (95/5 of the slices, in order)
     full = _cached(keys, seq, lambda: _mri_sets('brain', seed, n, step, SEQUENCES, None, 1e-4, progress, size), cache_dir)
     return _train_split(full, split, f"phantom-brain-{seq}")
 
+# %% ../nbs/06_phantom.ipynb #2c7502e7
 def phantom_brats(sequence:str, # 't1' or 't2' (the same tumours in both)
                   seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of tumour subjects (default 16)
@@ -628,6 +638,7 @@ def phantom_brats(sequence:str, # 't1' or 't2' (the same tumours in both)
     keys = {s: _mri_key('brats', s, seed, n, step, size) for s in SEQUENCES}
     return _cached(keys, seq, lambda: _mri_sets('brats', seed, n, step, SEQUENCES, 'tumour', 1e-4, progress, size), cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #313bcfcf
 def phantom_atlas(seed:int=0, cache_dir=None, # as `phantom_brain`
                   n_subjects:int|None=None, # number of stroke subjects (default 24)
                   slice_step:int|None=None, # keep every `slice_step`-th axial plane (default 45)
@@ -637,6 +648,7 @@ def phantom_atlas(seed:int=0, cache_dir=None, # as `phantom_brain`
     keys = {'t1': _mri_key('atlas', 't1', seed, n, step, size)}
     return _cached(keys, 't1', lambda: _mri_sets('atlas', seed, n, step, ('t1',), 'stroke', 0.1, progress, size), cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #5c42fcf3
 def _fundus_set(name, seed, specs, progress, size=128):
     "Build a fundus SliceSet from (id, stream, index, lesions) specs (a test set gets healthy references)."
     refs = any(s[3] for s in specs)
@@ -663,6 +675,7 @@ def phantom_fundus(split:str, # 'train' or 'val' (95/5 of the images, in order)
     full = _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-fundus', seed, specs, progress, size)}, cache_dir)
     return _train_split(full, split, 'phantom-fundus')
 
+# %% ../nbs/06_phantom.ipynb #394b786a
 def phantom_ddr(seed:int=0, cache_dir=None, # as `phantom_brain`
                 n_images:int|None=None, # number of test images (default 80): the first half healthy, then lesioned
                 progress:bool=True, size:int=128) -> SliceSet:
@@ -674,6 +687,35 @@ def phantom_ddr(seed:int=0, cache_dir=None, # as `phantom_brain`
              [(f"unhealthy/{i:04d}", 'ddr', (1, i), True) for i in range(n - n // 2)])
     return _cached({'all': key}, 'all', lambda: {'all': _fundus_set('phantom-ddr', seed, specs, progress, size)}, cache_dir)
 
+# %% ../nbs/06_phantom.ipynb #ca5c649e
+PHANTOM_DATASETS = ('phantom-brain', 'phantom-brats', 'phantom-atlas', 'phantom-fundus', 'phantom-ddr')
+_TEST_ONLY = ('phantom-brats', 'phantom-atlas', 'phantom-ddr')
+
+def phantom_dataset(name:str, # one of PHANTOM_DATASETS
+                    split:str, # 'train' / 'val' (phantom-brain, phantom-fundus) or 'test' (the others)
+                    sequence:str|None=None, # 't1' / 't2' (MRI sets), None (fundus)
+                    root=None, # unused: phantoms are built, not read
+                    seed:int=0, cache_dir=None, # as `phantom_brain`
+                    **kw) -> SliceSet:
+    "One phantom set under its registry name, with the split and sequence checked (what `get_dataset` calls)."
+    if name in _TEST_ONLY and split != 'test':
+        raise ValueError(f"{name} is a test set: split must be 'test', got {split!r} (training data: "
+                         f"{'phantom-fundus' if name == 'phantom-ddr' else 'phantom-brain'})")
+    if name not in _TEST_ONLY and split not in ('train', 'val'):
+        raise ValueError(f"{name} is a training set: split must be 'train' or 'val', got {split!r}")
+    if name in ('phantom-brain', 'phantom-brats') and sequence not in ('t1', 't2'):
+        raise ValueError(f"{name} needs sequence 't1' or 't2', got {sequence!r}")
+    if name == 'phantom-atlas' and sequence not in (None, 't1'): raise ValueError(f"phantom-atlas is T1 only, got sequence {sequence!r}")
+    if name in ('phantom-fundus', 'phantom-ddr') and sequence is not None: raise ValueError(f"{name} has no sequence, got {sequence!r}")
+    common = dict(seed=seed, cache_dir=cache_dir, **kw)
+    if name == 'phantom-brain': return phantom_brain(split, sequence, **common)
+    if name == 'phantom-brats': return phantom_brats(sequence, **common)
+    if name == 'phantom-atlas': return phantom_atlas(**common)
+    if name == 'phantom-fundus': return phantom_fundus(split, **common)
+    return phantom_ddr(**common)
+
+for _n in PHANTOM_DATASETS: register_dataset(_n, partial(phantom_dataset, _n))
+
 # %% ../nbs/06_phantom.ipynb #3abf2372
 PAPER_RANDOM = {  # Table 1 of the paper, row "Random": (AP_i = anomalous fraction, AP_p = random pixel AP)
     'BraTS-T2': dict(AP_i=0.48, AP_p=0.06), 'BraTS-T1': dict(AP_i=0.48, AP_p=0.06),
@@ -682,10 +724,9 @@ PAPER_RANDOM = {  # Table 1 of the paper, row "Random": (AP_i = anomalous fracti
 def lesion_stats(ss:SliceSet) -> dict:
     "Slices, anomalous fraction, lesion pixel fractions (of all pixels; of foreground = random AP_p), lesion sizes (px)."
     if ss.masks is None: raise ValueError(f"{ss.name!r} has no masks")
-    from skimage.measure import label
     m = ss.masks[:, 0]
     fg = (ss.images.max(1) > 0) | m if ss.modality == 'MRI' else np.ones_like(m)
-    sizes = np.concatenate([np.bincount(label(x, connectivity=2).ravel())[1:] for x in m if x.any()] or [np.zeros(0, int)])
+    sizes = np.concatenate([np.bincount(connected_components(x, connectivity=2).ravel())[1:] for x in m if x.any()] or [np.zeros(0, int)])
     frac_fg = float(m.sum() / fg.sum())
     return dict(slices=len(ss), anomalous_fraction=float(ss.labels.mean()), lesion_fraction=float(m.mean()),
                 lesion_fraction_fg=frac_fg, random_AP_p=frac_fg,

@@ -33,6 +33,7 @@ def gaussian_window(size:int=WINDOW_SIZE, # number of taps (odd)
     g = torch.exp(-i**2 / (2 * sigma**2))
     return (g / g.sum()).to(dtype=dtype, device=device)
 
+# %% ../nbs/03_ssim.ipynb #892ec78e
 def _mirror_index(j:torch.Tensor, n:int) -> torch.Tensor:
     "Map indices outside 0..n-1 back inside with the half-sample mirror (scipy's 'reflect'), for any n."
     j = j % (2 * n)
@@ -61,6 +62,7 @@ def blur_matrix(n:int, # length of the axis
     if padding not in ('zeros', 'reflect'): raise ValueError(f"padding must be 'zeros' or 'reflect', got {padding!r}")
     return _blur_matrix_cached(int(n), padding, int(size), float(sigma), dtype, torch.device(device or 'cpu')).clone()
 
+# %% ../nbs/03_ssim.ipynb #9ef1b8ab
 @contextmanager
 def fp32_precision(mode:str='ieee'):
     "Set CUDA matmul and cuDNN conv float32 precision ('ieee' | 'tf32') inside, restore afterwards (the torch ≥ 2.9 API only)."
@@ -71,6 +73,7 @@ def fp32_precision(mode:str='ieee'):
     try: yield
     finally: mm.fp32_precision, cv.fp32_precision = old
 
+# %% ../nbs/03_ssim.ipynb #6d74a69d
 @contextmanager
 def _full_precision(device:torch.device):
     "No autocast and no TF32 inside (both would wreck the E[x²] − μ² cancellation); settings restored afterwards."
@@ -139,6 +142,7 @@ def ssim_channels(x, # B×C×H×W image (e.g. the restoration)
         num = p.mul_(2).add_(C1).mul_(mxy.mul_(2).add_(C2))
         return num.div_(mx.add_(my).add_(C1).mul_(mxx.add_(myy).add_(C2)))
 
+# %% ../nbs/03_ssim.ipynb #391e9e30
 def ssim_map(x, # B×C×H×W image
              y, # B×C×H×W image of the same shape
              mode:str='paper', # 'paper' or 'standard'
@@ -148,7 +152,8 @@ def ssim_map(x, # B×C×H×W image
     return ssim_channels(x, y, mode, data_range).mean(1, keepdim=True)
 
 # %% ../nbs/03_ssim.ipynb #f5a4f86f
-def anomaly_map(restoration, # B×C×H×W restoration ŷ in model space
+def anomaly_map(*, # by keyword only: the MRI mask comes from `image`, so the two must not be swapped silently
+                restoration, # B×C×H×W restoration ŷ in model space
                 image, # B×C×H×W test image y in model space ([0,1] MRI, [-1,1] RF)
                 modality:str, # 'MRI' (background zeroed where image ≤ 0) or 'RF' (no masking)
                ) -> torch.Tensor: # B×1×H×W anomaly map in [0, 1]
@@ -159,6 +164,7 @@ def anomaly_map(restoration, # B×C×H×W restoration ŷ in model space
     if modality == 'MRI': amap = amap * (image > 0).any(1, keepdim=True)
     return amap
 
+# %% ../nbs/03_ssim.ipynb #db51eff7
 def anomaly_score(maps, # B×1×H×W (or B×C×H×W) anomaly maps
                  ) -> torch.Tensor: # B scores
     "Image-level anomaly score: the mean of each map over C, H and W, background included."

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 import numpy as np
 from scipy import fft as sfft, ndimage as ndi
+import skimage.data
+from skimage.color import rgb2gray
+from skimage.transform import resize
+from skimage.util import img_as_float
 
 # %% auto #0
 __all__ = ['TASK_NAMES', 'FOLDS', 'MIN_SIZE', 'SHEAR_STD', 'MIN_ANOM_PROP', 'MAX_ANOM_PROP', 'THRESHOLD', 'HALVE_EVERY',
@@ -57,6 +61,7 @@ def check_image(img, name='img') -> np.ndarray:
     if lo < 0 or hi > 1: raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return a
 
+# %% ../nbs/02_tasks.ipynb #a5b96451
 def foreground_mask(img) -> np.ndarray:
     "The official MRI foreground: pixels where any channel exceeds the image's minimum (H×W bool)."
     a = np.asarray(img)
@@ -102,6 +107,7 @@ class Shape:
             t = (-be + np.sqrt(np.maximum(be * be - al * ga, 0.))) / al
         return np.maximum(t, 0.)
 
+# %% ../nbs/02_tasks.ipynb #dc9f8beb
 def _inv2(M):
     (a, b), (c, d) = M
     return np.array([[d, -b], [-c, a]]) / (a * d - b * c)
@@ -150,6 +156,7 @@ class Foreground:
     cum: np.ndarray        # cumulative region-choice probabilities (∝ bounding-box area)
     size: tuple            # (h, w) of the largest region's bounding box (the image without a mask)
 
+# %% ../nbs/02_tasks.ipynb #4f87861f
 def foreground_regions(mask,  # H×W bool foreground, or None for "no background"
                        shape=None  # (H, W), needed when mask is None
                       ) -> Foreground:
@@ -169,12 +176,14 @@ def foreground_regions(mask,  # H×W bool foreground, or None for "no background
     cum = np.cumsum(area / area.sum()); cum[-1] = 1.
     return Foreground(mask, bb, cum, (int(bb[big, 1] - bb[big, 0]), int(bb[big, 3] - bb[big, 2])))
 
+# %% ../nbs/02_tasks.ipynb #af1fe020
 def size_bounds(size) -> tuple:
     "Per-dimension side bounds: lb = ceil(0.06·size), ub = max(ceil(0.8·size), lb + 1)."
     size = np.asarray(size, float)
     lb = np.ceil(MIN_ANOM_PROP * size).astype(int)
     return lb, np.maximum(np.ceil(MAX_ANOM_PROP * size).astype(int), lb + 1)
 
+# %% ../nbs/02_tasks.ipynb #3e6ce2a6
 def find_location(shape_mask,  # h×w bool shape on its grid
                   fg:Foreground,  # from `foreground_regions`
                   rng:np.random.Generator,
@@ -210,10 +219,12 @@ def dst1(x, axis:int=-1) -> np.ndarray:
     z[..., 1:n + 1] = x; z[..., n + 2:] = -x[..., ::-1]
     return np.moveaxis(-sfft.rfft(z, axis=-1)[..., 1:n + 1].imag, -1, axis)
 
+# %% ../nbs/02_tasks.ipynb #7cd8d5a2
 def idst1(y, axis:int=-1) -> np.ndarray:
     "Inverse of `dst1`: the DST-I is its own inverse up to a factor 2(n+1)."
     return dst1(y, axis) / (2 * (np.shape(y)[axis] + 1))
 
+# %% ../nbs/02_tasks.ipynb #359500c1
 def _fwd_grad(x):
     "Forward differences x[i+1]-x[i] along the last two axes; mirror boundary, so the last one is x[n-2]-x[n-1]."
     gy = np.empty_like(x); gx = np.empty_like(x)
@@ -225,6 +236,7 @@ def laplacian(f) -> np.ndarray:
     "5-point discrete Laplacian of the interior of the last two axes (the border row/column is dropped)."
     return f[..., 2:, 1:-1] + f[..., :-2, 1:-1] + f[..., 1:-1, 2:] + f[..., 1:-1, :-2] - 4 * f[..., 1:-1, 1:-1]
 
+# %% ../nbs/02_tasks.ipynb #9a4088f2
 def guidance_divergence(target, source, mask, mix_gradients:bool=True) -> np.ndarray:
     "Divergence (on the interior) of the guidance field: mixed (or source) gradients inside `mask`, target outside."
     m = np.array(mask, bool); m[[0, -1], :] = False; m[:, [0, -1]] = False
@@ -234,6 +246,7 @@ def guidance_divergence(target, source, mask, mix_gradients:bool=True) -> np.nda
     vy = np.where(m, gsy, gty); vx = np.where(m, gsx, gtx)
     return (vy[..., 1:-1, 1:-1] - vy[..., :-2, 1:-1]) + (vx[..., 1:-1, 1:-1] - vx[..., 1:-1, :-2])
 
+# %% ../nbs/02_tasks.ipynb #4c47c624
 def poisson_blend(target,  # C×h×w patch of the image being corrupted
                   source,  # C×h×w source patch, aligned with `target`
                   mask,  # h×w bool: where the source's gradients may enter
@@ -275,6 +288,7 @@ class MultiSource:
         return self.pick(rng).draw(rng)
     def __repr__(self): return f"MultiSource({', '.join(str(len(s)) for s in self.sources)} images)"
 
+# %% ../nbs/02_tasks.ipynb #501474c5
 class _Picked:
     def __init__(self, k, source): self.k, self.source = k, source
     def __len__(self): return len(self.source)
@@ -283,22 +297,26 @@ class _Picked:
         i = int(rng.integers(len(self.source)))
         return self.source[i], (self.k, i)
 
+# %% ../nbs/02_tasks.ipynb #acb88efc
 def _check_source(source, name):
     if not hasattr(source, '__len__') or not hasattr(source, '__getitem__'):
         raise ValueError(f"{name} must be a sequence of C×H×W images (len and [i]), got {type(source).__name__}")
     if len(source) == 0: raise ValueError(f"{name} is empty")
 
+# %% ../nbs/02_tasks.ipynb #e0dccad6
 def _draw(source, rng):
     if isinstance(source, (MultiSource, _Picked)): return source.draw(rng)
     i = int(rng.integers(len(source)))
     return source[i], i
 
+# %% ../nbs/02_tasks.ipynb #9aeec41a
 def _grid_box(T, h, w):
     "⌊min⌋ and integer size, per axis, of the box spanned by T·K for the grid's outer corners K = {0, h}×{0, w}."
     P = T @ np.array([[0., 0., h, h], [0., w, 0., w]])
     m = np.floor(P.min(1))
     return m, (np.ceil(P.max(1)) - m).astype(int)
 
+# %% ../nbs/02_tasks.ipynb #d293186a
 MAX_SOURCE_TRIES = 100
 
 def source_patch(source,  # sequence of C×H×W images in [0, 1] (or a `MultiSource`)
@@ -363,10 +381,6 @@ def texture_source(channels:int,  # 1 (grey, for MRI) or 3 (RGB)
 
 @lru_cache(maxsize=8)
 def _textures(channels, size, names):
-    import skimage.data
-    from skimage.color import rgb2gray
-    from skimage.transform import resize
-    from skimage.util import img_as_float
     out = []
     for n in names:
         if not callable(getattr(skimage.data, n, None)): raise ValueError(f"unknown scikit-image data image {n!r}")
@@ -389,6 +403,7 @@ def sample_push(A:float, rng, min_push:float=MIN_PUSH, max_push:float=MAX_PUSH) 
     if max_push <= 0.1 * P: return 0.1 * P
     return float(rng.uniform(max(0.1 * P, min_push), min(0.9 * P, max_push)))
 
+# %% ../nbs/02_tasks.ipynb #df53dfce
 def push_exponent(A:float, push:float, sink:bool) -> float:
     "Exponent k whose normalised curve passes through (A/2, A/2) displaced by `push` perpendicular to the identity."
     if A <= 0 or push <= 0: return 1.0
@@ -396,11 +411,13 @@ def push_exponent(A:float, push:float, sink:bool) -> float:
     x, y = (A / 2 - q, A / 2 + q) if sink else (A / 2 + q, A / 2 - q)
     return math.log(1 - y / A) / math.log(1 - x / A) if sink else math.log(y / A) / math.log(x / A)
 
+# %% ../nbs/02_tasks.ipynb #801202c9
 def radial_map(d, D, k:float, sink:bool):
     "New sampling distance d' for distance d on a ray whose edge is at D."
     r = np.clip(d / D, 0., 1.)
     return D * (1 - (1 - r) ** k) if sink else D * r ** k
 
+# %% ../nbs/02_tasks.ipynb #7f5c6e1b
 def _erode(m):
     "Binary erosion with the 4-neighbour cross and a False border (as scipy.ndimage.binary_erosion's default)."
     e = np.zeros_like(m)
@@ -465,6 +482,7 @@ def perlin_fractal(shape, rng:np.random.Generator) -> np.ndarray:
     lo, hi = noise.min(), noise.max()
     return (noise - lo) / (hi - lo) if hi > lo else np.ones((h, w))
 
+# %% ../nbs/02_tasks.ipynb #edfe84e9
 def intensity_patch(patch,  # C×h×w patch of the image
                     shape:Shape,  # the anomaly's shape on this patch grid
                     rng:np.random.Generator,
@@ -493,10 +511,11 @@ def original_bounds(img,  # C×H×W original image
     ax = 1 if clip == 'column' else (1, 2)
     return (np.broadcast_to(img.min(ax, keepdims=True), (C, 1, W)), np.broadcast_to(img.max(ax, keepdims=True), (C, 1, W)))
 
+# %% ../nbs/02_tasks.ipynb #24b04a4f
 def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
                img,  # C×H×W float32 image in [0, 1]
                rng:np.random.Generator,  # the sample's generator (all randomness comes from it)
-               mask=None,  # H×W bool foreground (MRI: `foreground_mask(img)`), None for no background
+               mask='foreground',  # 'foreground' (MRI: `foreground_mask(img)`), None (RF: no background) or an H×W bool array
                same_source=None,  # task 0: the sequence of images the sample comes from
                other_source=None,  # task 1: an external sequence (default: `texture_source`)
                return_info:bool=False,  # also return the anomalies' shapes, positions and parameters
@@ -508,6 +527,9 @@ def apply_task(task_id:int,  # 0..4, see `TASK_NAMES`
     if not isinstance(rng, np.random.Generator): raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
     img = check_image(img)
     C, H, W = img.shape
+    if isinstance(mask, str):
+        if mask != 'foreground': raise ValueError(f"mask must be 'foreground', None (no background) or an H×W bool array, got {mask!r}")
+        mask = foreground_mask(img)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (H, W) or mask.dtype != bool:

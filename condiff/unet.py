@@ -13,6 +13,9 @@ from torch import nn
 import torch.nn.functional as F
 from einops import rearrange
 from .ddpm import check_prediction_type
+from torch.utils.flop_counter import FlopCounterMode
+from safetensors.torch import load_file
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['UNET_PRESETS', 'UNET_FIELD_DEFAULTS', 'timestep_embedding', 'TimestepEmbedding', 'ResnetBlock', 'Attention',
@@ -34,7 +37,7 @@ def timestep_embedding(t,  # timesteps, shape [B] (integers or reals)
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
 
-
+# %% ../nbs/01_unet.ipynb #754bafe0
 class TimestepEmbedding(nn.Module):
     "The MLP that turns the sinusoidal embedding into the vector every resnet adds: Linear → SiLU → Linear."
     def __init__(self, in_dim:int, dim:int):
@@ -88,7 +91,7 @@ class Downsample(nn.Module):
 
     def forward(self, x): return self.conv(x)
 
-
+# %% ../nbs/01_unet.ipynb #145827e6
 class Upsample(nn.Module):
     "Nearest-neighbour ×2, then a 3×3 convolution."
     def __init__(self, ch:int):
@@ -99,7 +102,7 @@ class Upsample(nn.Module):
         if x.numel() * 4 >= 2 ** 31: x = x.contiguous()
         return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
-
+# %% ../nbs/01_unet.ipynb #7f555f34
 class DownBlock(nn.Module):
     "One down level: `n` resnets (each followed by attention if `attn`), then an optional down-sampler."
     def __init__(self, cin:int, cout:int, n:int, temb:int, attn:bool, downsample:bool, head_dim:int, groups:int, eps:float, dropout:float):
@@ -119,7 +122,7 @@ class DownBlock(nn.Module):
             x = d(x); skips.append(x)
         return x, skips
 
-
+# %% ../nbs/01_unet.ipynb #09ca95a2
 class MidBlock(nn.Module):
     "Resnet → attention → resnet at the lowest resolution."
     def __init__(self, ch:int, temb:int, attn:bool, head_dim:int, groups:int, eps:float, dropout:float):
@@ -132,7 +135,7 @@ class MidBlock(nn.Module):
         if self.attentions: x = self.attentions[0](x)
         return self.resnets[1](x, temb)
 
-
+# %% ../nbs/01_unet.ipynb #680b3721
 class UpBlock(nn.Module):
     "One up level: one resnet per skip it consumes (input = [x, skip]), each followed by attention if `attn`, then an optional up-sampler."
     def __init__(self, cin:int, cout:int, skip_channels:list, temb:int, attn:bool, upsample:bool, head_dim:int, groups:int, eps:float, dropout:float):
@@ -197,7 +200,7 @@ def normalize_unet_config(config:dict) -> dict:
     return {**UNET_FIELD_DEFAULTS, **config}
 
 
-# %% ../nbs/01_unet.ipynb #45d1af33
+# %% ../nbs/01_unet.ipynb #45d50e19
 class ConditionalUNet(nn.Module):
     "Denoising UNet (ε-prediction in paper mode) conditioned by channel concatenation: `forward(x_t, t, cond)` sees `cat([x_t, cond], 1)`."
     def __init__(self,
@@ -246,59 +249,70 @@ class ConditionalUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, w[0], eps=norm_eps)
         self.conv_out = nn.Conv2d(w[0], img_channels, 3, padding=1)
 
-    @property
-    def levels(self): return len(self.config['block_out_channels'])
+# %% ../nbs/01_unet.ipynb #760ea3cc
+@patch(as_prop=True)
+def levels(self:ConditionalUNet): return len(self.config['block_out_channels'])
 
-    def _check_x(self, x, name, channels):
-        if not torch.is_tensor(x) or x.ndim != 4: raise ValueError(f"{name} must be a B×C×H×W tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-        if not x.is_floating_point(): raise ValueError(f"{name} must be floating point, got {x.dtype}")
-        if x.shape[1] != channels:
-            raise ValueError(f"{name} must have {channels} channel(s) for this UNet (img_channels={self.config['img_channels']}), got {x.shape[1]}")
-        f = 2 ** (self.levels - 1)
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"{name}: spatial size {tuple(x.shape[-2:])} must be divisible by {f} (2^(levels-1), levels={self.levels})")
+# %% ../nbs/01_unet.ipynb #ccf178b9
+@patch
+def _check_x(self:ConditionalUNet, x, name, channels):
+    if not torch.is_tensor(x) or x.ndim != 4: raise ValueError(f"{name} must be a B×C×H×W tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not x.is_floating_point(): raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s) for this UNet (img_channels={self.config['img_channels']}), got {x.shape[1]}")
+    f = 2 ** (self.levels - 1)
+    if x.shape[-2] % f or x.shape[-1] % f:
+        raise ValueError(f"{name}: spatial size {tuple(x.shape[-2:])} must be divisible by {f} (2^(levels-1), levels={self.levels})")
 
-    def _timesteps(self, t, x):
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.dtype == torch.bool or t.is_complex(): raise ValueError(f"t must hold integer or real timesteps, got dtype {t.dtype}")
-        if t.ndim == 0: return t.reshape(1).expand(B)
-        if t.shape != (B,): raise ValueError(f"t must be a scalar or have shape [B] = [{B}], got {tuple(t.shape)}")
-        return t
+# %% ../nbs/01_unet.ipynb #bc14f7b8
+@patch
+def _timesteps(self:ConditionalUNet, t, x):
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.dtype == torch.bool or t.is_complex(): raise ValueError(f"t must hold integer or real timesteps, got dtype {t.dtype}")
+    if t.ndim == 0: return t.reshape(1).expand(B)
+    if t.shape != (B,): raise ValueError(f"t must be a scalar or have shape [B] = [{B}], got {tuple(t.shape)}")
+    return t
 
-    def _unet(self, x, t):
-        c = self.config
-        e = timestep_embedding(t, c['block_out_channels'][0], c['flip_sin_to_cos'], c['freq_shift'])
-        temb = self.time_embedding(e.to(self.time_embedding.linear_1.weight.dtype))
-        h = self.conv_in(x)
-        skips = [h]
-        for blk in self.down_blocks:
-            h, s = blk(h, temb); skips += s
-        h = self.mid_block(h, temb)
-        for blk in self.up_blocks: h = blk(h, skips, temb)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+# %% ../nbs/01_unet.ipynb #e01df902
+@patch
+def _unet(self:ConditionalUNet, x, t):
+    c = self.config
+    e = timestep_embedding(t, c['block_out_channels'][0], c['flip_sin_to_cos'], c['freq_shift'])
+    temb = self.time_embedding(e.to(self.time_embedding.linear_1.weight.dtype))
+    h = self.conv_in(x)
+    skips = [h]
+    for blk in self.down_blocks:
+        h, s = blk(h, temb); skips += s
+    h = self.mid_block(h, temb)
+    for blk in self.up_blocks: h = blk(h, skips, temb)
+    return self.conv_out(F.silu(self.conv_norm_out(h)))
 
-    def forward_concat(self,
-                       x,  # B×2C×H×W: [x_t, cond] already concatenated on channels
-                       t,  # timesteps: a scalar or shape [B]
-                      ):
-        "ε̂ (B×C×H×W) for an already concatenated input, the call signature of diffusers' `UNet2DModel`."
-        self._check_x(x, 'x', 2 * self.config['img_channels'])
-        out = self._unet(x, self._timesteps(t, x))
-        return out + x[:, self.config['img_channels']:] if self.config['cond_skip'] else out
+# %% ../nbs/01_unet.ipynb #6ec2510c
+@patch
+def forward_concat(self:ConditionalUNet,
+                   x,  # B×2C×H×W: [x_t, cond] already concatenated on channels
+                   t,  # timesteps: a scalar or shape [B]
+                  ):
+    "ε̂ (B×C×H×W) for an already concatenated input, the call signature of diffusers' `UNet2DModel`."
+    self._check_x(x, 'x', 2 * self.config['img_channels'])
+    out = self._unet(x, self._timesteps(t, x))
+    return out + x[:, self.config['img_channels']:] if self.config['cond_skip'] else out
 
-    def forward(self,
-                x_t,  # B×C×H×W noisy image
-                t,  # timesteps: a scalar or shape [B]
-                cond,  # B×C×H×W condition: the corrupted image in training, the test image at inference
-               ):
-        "ε̂ with x_t's shape, from `cat([x_t, cond], dim=1)`."
-        self._check_x(x_t, 'x_t', self.config['img_channels'])
-        if not torch.is_tensor(cond): raise ValueError(f"cond must be a torch tensor like x_t, got {type(cond).__name__}")
-        if cond.shape != x_t.shape: raise ValueError(f"cond must have x_t's shape {tuple(x_t.shape)}, got {tuple(cond.shape)}")
-        cond = cond.to(x_t.dtype)
-        out = self._unet(torch.cat([x_t, cond], dim=1), self._timesteps(t, x_t))
-        return out + cond if self.config['cond_skip'] else out
+# %% ../nbs/01_unet.ipynb #4c89a8d4
+@patch
+def forward(self:ConditionalUNet,
+            x_t,  # B×C×H×W noisy image
+            t,  # timesteps: a scalar or shape [B]
+            cond,  # B×C×H×W condition: the corrupted image in training, the test image at inference
+           ):
+    "ε̂ with x_t's shape, from `cat([x_t, cond], dim=1)`."
+    self._check_x(x_t, 'x_t', self.config['img_channels'])
+    if not torch.is_tensor(cond): raise ValueError(f"cond must be a torch tensor like x_t, got {type(cond).__name__}")
+    if cond.shape != x_t.shape: raise ValueError(f"cond must have x_t's shape {tuple(x_t.shape)}, got {tuple(cond.shape)}")
+    cond = cond.to(x_t.dtype)
+    out = self._unet(torch.cat([x_t, cond], dim=1), self._timesteps(t, x_t))
+    return out + cond if self.config['cond_skip'] else out
 
 # %% ../nbs/01_unet.ipynb #70bf36fe
 def build_unet(preset:str='paper',  # one of UNET_PRESETS: 'paper', 'fast', 'tiny'
@@ -311,7 +325,7 @@ def build_unet(preset:str='paper',  # one of UNET_PRESETS: 'paper', 'fast', 'tin
     if bad: raise ValueError(f"unknown UNet architecture field(s) {bad}; known: {sorted(UNET_PRESETS[preset])}")
     return ConditionalUNet(img_channels, preset=preset, **{**UNET_PRESETS[preset], **overrides})
 
-
+# %% ../nbs/01_unet.ipynb #4d6af4ca
 def build_unet_from_config(config:dict,  # a `model.config`, e.g. read back from a checkpoint's JSON
                           ) -> ConditionalUNet:
     "Rebuild the UNet described by `config` (fields it lacks are taken from its named preset)."
@@ -350,12 +364,11 @@ def architecture_table(config:dict,  # a `model.config` or `{'img_channels': C, 
     rows.append(dict(level='mid', resolution=f"{size // 2**(L - 1)}²", width=w[-1], down='2 resnet' + (' + attn' if config['mid_attention'] else ''), up=''))
     return rows
 
-
+# %% ../nbs/01_unet.ipynb #c35f062a
 def unet_flops(config:dict,  # a `model.config`
                size:int=128,  # input height = width
               ) -> dict:
     "Forward FLOPs per image of each top-level block (and 'total'), counted on the meta device."
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device('meta'):
         m = build_unet_from_config(config)
         x = torch.zeros(1, config['img_channels'], size, size)
@@ -393,7 +406,7 @@ def diffusers_to_condiff(state_dict:dict,  # a diffusers UNet2DModel state dict
         out[new] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
     return out
 
-
+# %% ../nbs/01_unet.ipynb #10159d5e
 def condiff_to_diffusers(state_dict:dict,  # a ConditionalUNet state dict
                         ) -> dict:
     "The inverse of `diffusers_to_condiff`, to diffusers' current attention names."
@@ -408,7 +421,7 @@ def condiff_to_diffusers(state_dict:dict,  # a ConditionalUNet state dict
         else: out[f"{base}.{ {'norm': 'group_norm', 'proj_out': 'to_out.0'}[name] }.{param}"] = v
     return out
 
-
+# %% ../nbs/01_unet.ipynb #dfe11399
 def _read_state_dict(path):
     "A state dict from a .safetensors / .bin file, or from a diffusers model folder holding one."
     p = Path(path)
@@ -417,7 +430,6 @@ def _read_state_dict(path):
         if p is None: raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {path}")
     if not p.exists(): raise FileNotFoundError(f"no diffusers weights at {p}")
     if p.suffix == '.safetensors':
-        from safetensors.torch import load_file
         return load_file(str(p))
     return torch.load(p, map_location='cpu', weights_only=True)
 
@@ -438,7 +450,7 @@ def load_diffusers_state_dict(model:ConditionalUNet,  # the condiff UNet to fill
     model.load_state_dict(sd, strict=True)
     return model
 
-
+# %% ../nbs/01_unet.ipynb #0372cf92
 def diffusers_config(config:dict,  # a `model.config`
                     ) -> dict:
     "Keyword arguments of diffusers' `UNet2DModel` that build the same network as `config`."

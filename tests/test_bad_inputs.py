@@ -11,9 +11,11 @@ import pytest
 import nibabel as nib
 from PIL import Image
 import torch
-from condiff import cli
-from condiff.cli import (main, fold_config, train_fold, evaluate, ensemble_folds, volume_to_slices, detect, ReproduceConfig,
-                         load_ensemble, collect_results, figure3_panels, check_same_family, train_config, eval_dir, fold_dir)
+from condiff import cli, experiment
+from condiff.cli import main
+from condiff.pipeline import fold_config, train_fold, evaluate, ensemble_folds, ReproduceConfig, collect_results, figure3_panels, check_same_family, train_config
+from condiff.detect import volume_to_slices, detect, load_ensemble
+from condiff.experiment import eval_dir, fold_dir
 from condiff.checks import BadInput, lock_holder, _pid_alive
 from condiff.data import SliceSet, save_sliceset
 from condiff.train import load_model, CorruptCheckpoint, read_log
@@ -40,12 +42,12 @@ def env(tmp_path_factory):
     save_sliceset(SliceSet(rng.random((4, 3, 128, 128), dtype=np.float32), [f"f/{i}" for i in range(4)], 'RF'), root / 'rf.npz')
     runs = root / 'runs'
     mri = dict(train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'))
-    for f in (0, 1): train_fold(fold_config('phantom-brain', 't1', f, **mri, **SMALL), runs, progress=False)
-    train_fold(fold_config('phantom-brain', 't2', 0, **mri, **SMALL), runs, progress=False)
-    train_fold(fold_config('phantom-fundus', None, 0, train_data=str(root / 'rf.npz'), val_data=str(root / 'rf.npz'), **SMALL),
+    for f in (0, 1): train_fold(fold_config('phantom-brain', 't1', f, **mri, **SMALL, preset='tiny'), runs, progress=False)
+    train_fold(fold_config('phantom-brain', 't2', 0, **mri, **SMALL, preset='tiny'), runs, progress=False)
+    train_fold(fold_config('phantom-fundus', None, 0, train_data=str(root / 'rf.npz'), val_data=str(root / 'rf.npz'), **SMALL, preset='tiny'),
                runs, progress=False)
-    for f in (0, 1): evaluate(TS, f, runs=runs, num_steps=2, test_images=6, progress=False)
-    ensemble_folds(TS, '0,1', runs=runs, progress=False)
+    for f in (0, 1): evaluate(TS, f, runs=runs, num_steps=2, test_images=6, progress=False, preset='tiny')
+    ensemble_folds(TS, '0,1', runs=runs, progress=False, preset='tiny')
     t1 = runs / 'phantom-brain-t1' / 'tiny'
     shutil.copytree(t1 / 'fold0', root / 't2copy' / 'phantom-brain-t2' / 'tiny' / 'fold0')  # a T1 fold in a T2 family
     shutil.copytree(t1 / 'fold0', root / 'mixed' / 'fold0')
@@ -277,12 +279,12 @@ def test_papermill_bad_parameter(env, case, tmp_path):
 
 # -- the Python API -------------------------------------------------------------------------------------------------
 API_CASES = [
-    ('evaluate-batch_size-0', lambda E: evaluate(TS, 0, runs=E['runs'], batch_size=0, test_images=6, progress=False), BadInput, ['batch_size', '0']),
-    ('evaluate-num_steps-0', lambda E: evaluate(TS, 0, runs=E['runs'], num_steps=0, progress=False), BadInput, ['num_steps']),
-    ('evaluate-sampler', lambda E: evaluate(TS, 0, runs=E['runs'], sampler='plms', progress=False), BadInput, ['sampler', 'plms']),
-    ('evaluate-device', lambda E: evaluate(TS, 0, runs=E['runs'], device='tpu', progress=False), BadInput, ['device', 'tpu']),
-    ('evaluate-fold-float', lambda E: evaluate(TS, 1.0, runs=E['runs'], progress=False), BadInput, ['fold', '1.0']),
-    ('evaluate-t1-fold-in-t2-family', lambda E: evaluate('phantom-brats-t2', 0, runs=E['root'] / 't2copy', progress=False), ValueError,
+    ('evaluate-batch_size-0', lambda E: evaluate(TS, 0, runs=E['runs'], batch_size=0, test_images=6, progress=False, preset='tiny'), BadInput, ['batch_size', '0']),
+    ('evaluate-num_steps-0', lambda E: evaluate(TS, 0, runs=E['runs'], num_steps=0, progress=False, preset='tiny'), BadInput, ['num_steps']),
+    ('evaluate-sampler', lambda E: evaluate(TS, 0, runs=E['runs'], sampler='plms', progress=False, preset='tiny'), BadInput, ['sampler', 'plms']),
+    ('evaluate-device', lambda E: evaluate(TS, 0, runs=E['runs'], device='tpu', progress=False, preset='tiny'), BadInput, ['device', 'tpu']),
+    ('evaluate-fold-float', lambda E: evaluate(TS, 1.0, runs=E['runs'], progress=False, preset='tiny'), BadInput, ['fold', '1.0']),
+    ('evaluate-t1-fold-in-t2-family', lambda E: evaluate('phantom-brats-t2', 0, runs=E['root'] / 't2copy', progress=False, preset='tiny'), ValueError,
      ['fold0', "sequence='t1'"]),
     ('detect-zero_below-nan', lambda E: detect(E['nii'], E['t1'], E['root'] / 'newout', zero_below=float('nan')), BadInput, ['zero_below', 'nan']),
     ('detect-batch_size-0', lambda E: detect(E['nii'], E['t1'], E['root'] / 'newout', batch_size=0), BadInput, ['batch_size']),
@@ -290,13 +292,13 @@ API_CASES = [
     ('reproduce-config-eval_batch_size-0', lambda E: ReproduceConfig(eval_batch_size=0), BadInput, ['eval_batch_size']),
     ('reproduce-config-overrides-seed', lambda E: ReproduceConfig(train_overrides={'seed': 1}), BadInput, ['train_overrides', 'seed']),
     ('reproduce-config-jobs-0', lambda E: ReproduceConfig(jobs=0), BadInput, ['jobs']),
-    ('collect-results-folds-mismatch', lambda E: collect_results([TS], folds=[0], runs=E['runs'], controls=False), ValueError,
+    ('collect-results-folds-mismatch', lambda E: collect_results([TS], folds=[0], runs=E['runs'], controls=False, preset='tiny'), ValueError,
      ['folds 0,1', '--folds 0']),
-    ('figure3-panels-folds-mismatch', lambda E: figure3_panels([TS], folds=[1], runs=E['runs'], test_images=6), ValueError, ['folds 0,1']),
+    ('figure3-panels-folds-mismatch', lambda E: figure3_panels([TS], folds=[1], runs=E['runs'], test_images=6, preset='tiny'), ValueError, ['folds 0,1']),
     ('load-ensemble-mixed-families', lambda E: load_ensemble(E['root'] / 'mixed'), ValueError, ['fold1', "sequence='t2'"]),
     ('check-same-family-mixed', lambda E: check_same_family([E['t1'] / 'fold0', E['runs'] / 'phantom-brain-t2' / 'tiny' / 'fold0']),
      ValueError, ['fold0', 't2']),
-    ('train-config-fold-10', lambda E: train_config(TS, 10), ValueError, ['fold']),
+    ('train-config-fold-10', lambda E: train_config(TS, 10, preset='tiny'), ValueError, ['fold']),
 ]
 
 
@@ -338,7 +340,7 @@ def test_corrupt_checkpoint_resume_falls_back_and_evaluate_refuses(env, tmp_path
     assert snapshot(tmp_path) == before and not (fd / 'eval').exists()
     # resume: falls back to the newest checkpoint that verifies, says so, moves the bad one aside
     cfg = fold_config('phantom-brain', 't1', 0, train_data=str(env['root'] / 'mri.npz'), val_data=str(env['root'] / 'mri.npz'),
-                      **{**SMALL, 'max_steps': 3})
+                      **{**SMALL, 'max_steps': 3}, preset='tiny')
     with pytest.warns(RuntimeWarning, match='newest checkpoint that verifies'):
         train_fold(cfg, runs, progress=False)
     st = json.loads((fd / 'run.json').read_text())
@@ -470,7 +472,7 @@ def test_a_crash_leaves_run_json_failed_with_the_reason(env, tmp_path, monkeypat
     from condiff import train as T
     def boom(self, batch): raise RuntimeError('simulated crash in a training step')
     monkeypatch.setattr(T.Trainer, 'train_step', boom)
-    cfg = fold_config('phantom-brain', 't1', 0, train_data=str(env['root'] / 'mri.npz'), val_data=str(env['root'] / 'mri.npz'), **SMALL)
+    cfg = fold_config('phantom-brain', 't1', 0, train_data=str(env['root'] / 'mri.npz'), val_data=str(env['root'] / 'mri.npz'), **SMALL, preset='tiny')
     with pytest.raises(RuntimeError, match='simulated crash'): T.train(cfg, tmp_path / 'runs', progress=False)
     st = json.loads((T.run_dir_for(cfg, tmp_path / 'runs') / 'run.json').read_text())
     assert st['status'] == 'failed' and st['reason'] == 'RuntimeError: simulated crash in a training step'

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import nibabel as nib
 from PIL import Image
-from condiff import cli
-from condiff.cli import (ReproduceConfig, detect, detect_outputs, fold_config, load_ensemble, main, parse_folds,
-                         reproduce, slices_to_volume, subsample, train_fold, volume_to_slices)
+from condiff import cli, experiment
+from condiff.pipeline import ReproduceConfig, fold_config, reproduce, subsample, train_fold
+from condiff.detect import detect, detect_outputs, load_ensemble, slices_to_volume, volume_to_slices
+from condiff.cli import main
+from condiff.experiment import parse_folds
 from condiff.data import SliceSet, preprocess_volume, save_sliceset, load_fundus
 
 AFFINE = np.array([[0.9, 0.1, 0.0, -20.0], [0.0, 1.1, 0.05, 12.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1]])
@@ -43,9 +45,9 @@ def runs(tmp_path_factory):
     small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
     for f in (0, 1):
         train_fold(fold_config('phantom-brain', 't1', f, train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
-                               **small), root / 'runs', progress=False)
+                               **small, preset='tiny'), root / 'runs', progress=False)
     train_fold(fold_config('phantom-fundus', None, 0, train_data=str(root / 'rf.npz'), val_data=str(root / 'rf.npz'),
-                           **small), root / 'runs', progress=False)
+                           **small, preset='tiny'), root / 'runs', progress=False)
     return root
 
 
@@ -208,7 +210,7 @@ def weights(run_dir):
 def test_train_fold_refuses_a_folder_trained_with_another_config(runs, tmp_path):
     shutil.copytree(runs / 'runs', tmp_path / 'runs', symlinks=True)
     small = dict(max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1)
-    c = fold_config('phantom-brain', 't1', 0, train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'), **small)
+    c = fold_config('phantom-brain', 't1', 0, train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'), **small, preset='tiny')
     rd, finished = train_fold(c, tmp_path / 'runs', progress=False)
     assert finished
     with pytest.raises(ValueError, match="different config.*'lr'"): train_fold(c.replace(lr=1e-3), tmp_path / 'runs', progress=False)
@@ -234,19 +236,19 @@ def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
         assert k in man, k
     assert man['config']['folds'] == [0, 1] and man['seeds']['train'] == 42 and man['machine']['cpu_count'] >= 1
     assert man['results']['phantom-brats-t1']['n_images'] == 6 and man['versions']['torch']
-    ens = json.loads((cli.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny') / 'metrics.json').read_text())
+    ens = json.loads((experiment.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny') / 'metrics.json').read_text())
     md = (pf / 'table1.md').read_text()
     from condiff.report import format_value
     assert f"| **Ours_ens** | **ours** | – | – | – | – | {format_value(ens['AP_i'])} |" in md
     assert '| **Intensity** | **ours** |' in md and '| **Random** | **ours** |' in md
     assert man['results']['phantom-brats-t1']['intensity_control']['AP_p'] > 0
     # an interrupted run: fold 1's training did not record its end, fold 0's evaluation and fold 1's run were lost
-    fold0, fold1 = (cli.fold_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f) for f in (0, 1))
+    fold0, fold1 = (experiment.fold_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f) for f in (0, 1))
     st = json.loads((fold0 / 'run.json').read_text()); st['status'] = 'interrupted'
     (fold0 / 'run.json').write_text(json.dumps(st))
     w0, w1 = weights(fold0), weights(fold1)
-    e0 = json.loads((cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
-    shutil.rmtree(cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0)); shutil.rmtree(fold1)
+    e0 = json.loads((experiment.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
+    shutil.rmtree(experiment.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0)); shutil.rmtree(fold1)
     one_job = dataclasses.replace(cfg, jobs=1)
     m2 = reproduce(one_job, progress=False, log=logs.append)
     assert m2['skipped']['train'] == [] and m2['skipped']['evaluate'] == [] and m2['jobs'] == 1
@@ -254,7 +256,7 @@ def test_reproduce_resumes_and_skips_finished_folds(runs, tmp_path):
     assert json.loads((fold0 / 'run.json').read_text())['status'] == 'finished'
     # recomputed in one process: the same numbers as with two worker processes
     assert weights(fold1) == w1
-    e0b = json.loads((cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
+    e0b = json.loads((experiment.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', 0) / 'metrics.json').read_text())
     assert {k: e0b[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')} == {k: e0[k] for k in ('AP_i', 'AUROC', 'AP_p', 'max_Dice')}
     assert m2['results'] == m1['results']
     m3 = reproduce(cfg, progress=False, log=logs.append)
@@ -272,20 +274,23 @@ class _Stop(Exception): pass
 def test_data_seed_reaches_training(tmp_path, monkeypatch):
     "`condiff reproduce --data-seed 1`: the build-once step and every fold's Trainer load the same, seed-1 phantoms."
     import condiff.cli as C
+    import condiff.pipeline as Pl
     import condiff.train as T
-    from condiff.data import get_dataset as real
+    from condiff.experiment import get_dataset as real
     small = lambda name, split, **kw: real(name, split, **{**kw, 'n_subjects': 2, 'slice_step': 40, 'progress': False})  # noqa: E731
     calls = {'cli': [], 'train': []}
     def rec(where):
         def fn(name, split, **kw):
             calls[where].append((name, split, kw.get('sequence'), kw.get('seed'), kw.get('cache_dir'))); return small(name, split, **kw)
         return fn
-    monkeypatch.setattr(C, 'get_dataset', rec('cli')); monkeypatch.setattr(T, 'get_dataset', rec('train'))
+    monkeypatch.setattr(Pl, 'get_dataset', rec('cli')); monkeypatch.setattr(T, 'get_dataset', rec('train'))
     seen = {}
     def stop(steps, *a, **k): seen['steps'] = steps; raise _Stop
-    monkeypatch.setattr(C, '_run_steps', stop)
-    real_reproduce = C.reproduce
-    monkeypatch.setattr(C, 'reproduce', lambda cfg, **k: (seen.setdefault('cfg', cfg), real_reproduce(cfg, progress=False, log=None)))
+    monkeypatch.setattr(Pl, '_run_steps', stop)
+    def rec_reproduce(progress=True, log=None, **fields):  # what `condiff reproduce` calls: the ReproduceConfig fields by keyword
+        seen['cfg'] = Pl.ReproduceConfig(**fields)
+        return Pl.reproduce(seen['cfg'], progress=False, log=None)
+    monkeypatch.setitem(C.COMMANDS['reproduce'], 'func', rec_reproduce)
     with pytest.raises(_Stop):
         main(['reproduce', '--preset', 'tiny', '--testsets', 'phantom-brats-t1', '--folds', '0', '--data-seed', '1', '--runs', str(tmp_path / 'r'),
               '--out', str(tmp_path / 'pf'), '--no-progress'])
@@ -303,7 +308,7 @@ def test_data_seed_reaches_training(tmp_path, monkeypatch):
 
 def test_folds_spread_over_visible_gpus(monkeypatch):
     import torch
-    import condiff.cli as C
+    import condiff.pipeline as C
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 3)
     c = ReproduceConfig(device='cuda')
@@ -327,8 +332,8 @@ def test_reproduce_batched_folds_matches_per_fold(runs, tmp_path):
                           train_overrides=dict(train_data=str(runs / 'mri.npz'), val_data=str(runs / 'mri.npz'),
                                                batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1))
     m1 = reproduce(cfg, progress=False, log=None)
-    for f in (0, 1): shutil.rmtree(cli.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f))
-    shutil.rmtree(cli.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny'))
+    for f in (0, 1): shutil.rmtree(experiment.eval_dir(cfg.runs, 'phantom-brats-t1', 'tiny', f))
+    shutil.rmtree(experiment.ensemble_dir(cfg.runs, 'phantom-brats-t1', 'tiny'))
     logs = []
     m2 = reproduce(dataclasses.replace(cfg, batched_folds=True), progress=False, log=logs.append)
     assert m2['batched_folds'] is True and m1['batched_folds'] is False and m2['skipped']['evaluate'] == []

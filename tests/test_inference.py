@@ -142,7 +142,7 @@ def test_stored_maps_are_float16_of_the_paper_maps(run, testset, folds):
     model, _ = load_model(run, 'best')
     y = torch.from_numpy(testset.images)
     rest = restore_dataset(model, y, slice_seeds(0, testset.ids), num_steps=3, batch_size=4, progress=False)
-    maps = anomaly_map(rest, y, 'MRI').numpy()
+    maps = anomaly_map(restoration=rest, image=y, modality='MRI').numpy()
     raw = load_file(folds[0] / 'maps.safetensors')
     assert raw['maps'].dtype == np.float16 and raw['restorations'].dtype == np.float16
     assert np.abs(raw['maps'].astype(np.float32) - maps).max() <= 1e-3 * max(maps.max(), 1e-3)
@@ -346,8 +346,8 @@ def test_batched_folds_equal_per_fold_on_8_slices(three_runs):
     for f in range(3):  # the per-fold path is restore_dataset, fold by fold
         assert torch.equal(per[f], restore_dataset(models[f], y, seeds, num_steps=4, batch_size=3, progress=False))
     assert min((per[0] - per[f]).abs().max().item() for f in (1, 2)) > 1e-3  # three different models
-    mp = torch.stack([anomaly_map(per[f], y, 'MRI') for f in range(3)])
-    mb = torch.stack([anomaly_map(bat[f], y, 'MRI') for f in range(3)])
+    mp = torch.stack([anomaly_map(restoration=per[f], image=y, modality='MRI') for f in range(3)])
+    mb = torch.stack([anomaly_map(restoration=bat[f], image=y, modality='MRI') for f in range(3)])
     assert (mp - mb).abs().max().item() <= MAP_TOL and (per - bat).abs().max().item() <= MAP_TOL
     with pytest.raises(ValueError, match='seeds'): I.restore_folds(models, y, seeds[:3], progress=False)
 

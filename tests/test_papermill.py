@@ -36,7 +36,7 @@ def outputs_text(nb):
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
     "Train two folds (one through train.ipynb), evaluate both on a small phantom test subset, ensemble them."
-    from condiff.cli import fold_config, train_fold, evaluate
+    from condiff.pipeline import fold_config, train_fold, evaluate
     d = tmp_path_factory.mktemp('pm')
     runs = d / 'runs'
     nb = run_nb('train', d, dataset='phantom-brain', sequence='t2', fold=0, preset='tiny', max_steps=3, batch_size=2, n_subjects=2,
@@ -44,10 +44,10 @@ def smoke(tmp_path_factory):
     data = sorted((runs / '_data').glob('*.npz'))
     cfg = fold_config('phantom-brain', 't2', 1, max_steps=3, batch_size=2, val_batch_size=2,
                       train_data=str([p for p in data if p.name.endswith('-train.npz')][0]),
-                      val_data=str([p for p in data if p.name.endswith('-val.npz')][0]))
+                      val_data=str([p for p in data if p.name.endswith('-val.npz')][0]), preset='tiny')
     train_fold(cfg, runs, progress=False)
     ev0 = run_nb('evaluate', d, testset='phantom-brats-t2', fold=0, preset='tiny', test_images=6, num_steps=2, runs=str(runs), num_examples=2)
-    evaluate('phantom-brats-t2', 1, runs=runs, num_steps=2, test_images=6, progress=False)
+    evaluate('phantom-brats-t2', 1, runs=runs, num_steps=2, test_images=6, progress=False, preset='tiny')
     ens = run_nb('evaluate', d, testset='phantom-brats-t2', fold='ensemble', preset='tiny', folds='0,1', runs=str(runs), test_images=6, num_examples=2)
     return dict(dir=d, runs=runs, train=nb, ev0=ev0, ens=ens)
 
@@ -66,7 +66,7 @@ def test_train_notebook_writes_a_run(smoke):
 
 
 def test_evaluate_notebook_fold_and_ensemble(smoke):
-    from condiff.cli import eval_dir, ensemble_dir
+    from condiff.experiment import eval_dir, ensemble_dir
     m0 = json.loads((eval_dir(smoke['runs'], 'phantom-brats-t2', 'tiny', 0) / 'metrics.json').read_text())
     assert m0['n_images'] == 6 and m0['num_steps'] == 2 and 0 <= m0['AP_p'] <= 1
     assert (eval_dir(smoke['runs'], 'phantom-brats-t2', 'tiny', 0) / 'maps.safetensors').exists()
@@ -76,7 +76,7 @@ def test_evaluate_notebook_fold_and_ensemble(smoke):
 
 
 def test_table1_and_figure3_notebooks(smoke):
-    from condiff.cli import ensemble_dir
+    from condiff.experiment import ensemble_dir
     from condiff.report import read_table1_csv
     out = smoke['dir'] / 'pf'
     run_nb('table1', smoke['dir'], testsets='phantom-brats-t2', preset='tiny', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)

@@ -330,7 +330,7 @@ def test_bad_parameters_raise_value_error(call, match):
 
 # ---------------------------------------------------------------- the contract other modules use
 def test_get_dataset_reaches_the_phantoms():
-    from condiff.data import get_dataset
+    from condiff.experiment import get_dataset
     a = get_dataset('phantom-brats', 'test', 't2', n_subjects=1, slice_step=30, **NC)
     b = P.phantom_brats('t2', n_subjects=1, slice_step=30, **NC)
     assert isinstance(a, SliceSet) and a.ids == b.ids

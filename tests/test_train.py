@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 import condiff.train as T
 from condiff.data import SliceSet, save_sliceset
-from condiff.train import (EMA, MovingAverageEarlyStopper, TaskDataset, StreamSampler, TrainConfig, Trainer, ema_decay,
-                           load_model, make_loader, resolve_checkpoint, train)
+from condiff.train import EMA, MovingAverageEarlyStopper, TaskDataset, StreamSampler, TrainConfig, Trainer, ema_decay, load_model, make_loader, resolve_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -283,9 +282,13 @@ def test_torchrun_two_ranks_gloo(data, tmp_path):
 
 
 def test_cli_errors(data, tmp_path):
-    with pytest.raises(SystemExit) as e: T.main(['--preset', 'tiny', '--set', 'bogus=1', '--out', str(tmp_path)])
+    cli = lambda *a: T.run_command(T.train_command, list(a), 'python -m condiff.train', flags={'overrides': '--set'})  # noqa: E731
+    with pytest.raises(SystemExit) as e: cli('--preset', 'tiny', '--set', 'bogus=1', '--out', str(tmp_path))
     assert e.value.code == 2
-    with pytest.raises(SystemExit): T.main(['--config', str(tmp_path / 'missing.json')])
+    with pytest.raises(SystemExit) as e: cli('--config', str(tmp_path / 'missing.json'))
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e: cli('--out', str(tmp_path))  # neither --config nor --preset
+    assert e.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------------- errors, atomicity
