@@ -10,7 +10,7 @@ import argparse, dataclasses, json, math, os, platform, subprocess, sys, time, w
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .report import (TESTSETS, PHANTOM_TESTSETS, TABLE1_COLUMNS, get_testset, OursResult, build_table1,
                             write_table1, random_baseline, intensity_control, closest_fold, select_examples, Figure3Panel, plot_figure3,
                             save_figure3)

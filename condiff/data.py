@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 from safetensors import safe_open
 
 # %% auto #0

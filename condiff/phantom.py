@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .data import (SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit,
                           binarise, resize_center_crop)
 

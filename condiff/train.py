@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, Sampler
 from safetensors.torch import save as _st_save, load as _st_load
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .ddpm import PREDICTION_TYPES, NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
 from .unet import UNET_PRESETS, build_unet, build_unet_from_config, normalize_unet_config
 from .tasks import FOLDS, CLIP_MODES, RestorationTask, fold_tasks
