@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason='Chromium is absent: `
 websocket = pytest.importorskip('websocket', reason='websocket-client is not installed: pip install -e ".[dev]"')
 
 # (page glob, heading keyword of the figure to screenshot, screenshot name): robust to chapter renumbering
-PAGES = [('*_tasks.html', 'gallery', 'tasks_gallery.png'), ('*_inference.html', 'restorations', 'inference_restorations.png')]
+PAGES = [('*_tasks.html', 'gallery', 'tasks_gallery.png'), ('*_inference.html', 'trained model', 'inference_restorations.png')]
 
 
 class Chromium:

@@ -55,7 +55,7 @@ def run_notebook(fn: Path):
     from nbdev.process import NBProcessor
     from nbdev.test import _skip_cell  # nbdev-test's own rule for the cells it leaves out
     from execnb.shell import CaptureShell
-    from fastcore.basics import working_directory
+    from fastcore.foundation import working_directory
     os.environ['IN_TEST'] = '1'
     if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
     nb = NBProcessor(fn, rm_directives=False, process=True).nb
@@ -94,11 +94,10 @@ def _worker(args):
 
 
 def _write(fn: Path, nb: dict):
-    "Write `nb` as nbdev does (1-space indent, trailing newline), via a temporary file."
-    from fastcore.xtras import dict2obj
-    from execnb.nbio import write_nb
+    "Write `nb` as nbdev does (fastcore's nb2str: 1-space indent, trailing newline), via a temporary file."
+    from fastcore.nbio import nb2str, dict2nb
     tmp = fn.with_name(f'.{fn.name}.tmp')
-    write_nb(dict2obj(nb), tmp)
+    tmp.write_text(nb2str(dict2nb(nb)), encoding='utf-8')
     tmp.replace(fn)
 
 
@@ -107,7 +106,7 @@ def _execute_all(files, mode, jobs):
     import multiprocessing as mp
     if jobs <= 1 or len(files) == 1:
         yield from map(_worker, [(str(f), mode) for f in files]); return
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context('fork'), max_tasks_per_child=1) as ex:
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn'), max_tasks_per_child=1) as ex:
         yield from ex.map(_worker, [(str(f), mode) for f in files])
 
 
