@@ -14,13 +14,16 @@ PYTHONHASHSEED=0, progress bars off (CONDIFF_PROGRESS=off: a bar's text holds ti
 from __future__ import annotations
 import os, sys
 
-# Set before torch/numpy load in this process and in the worker processes it forks.
-for _k, _v in dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1', CONDIFF_PROGRESS='off',
-                   MPLBACKEND='agg').items():
-    os.environ[_k] = _v
-if os.environ.get('PYTHONHASHSEED') != '0':  # str hashes (set order) must not vary between runs: re-exec once
-    os.environ['PYTHONHASHSEED'] = '0'
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+ENV = dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1', CONDIFF_PROGRESS='off', MPLBACKEND='agg')
+
+
+def _setup_env():
+    "Set before torch/numpy load, here and in the worker processes (spawned, one per notebook, they inherit it)."
+    os.environ.update(ENV)
+    if os.environ.get('PYTHONHASHSEED') != '0':  # str hashes (set order) must not vary between runs: re-exec once
+        os.environ['PYTHONHASHSEED'] = '0'
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+
 
 import argparse, base64, copy, io, json, re, shutil, subprocess, time, traceback
 from pathlib import Path
@@ -362,6 +365,7 @@ def cmd_site(a):
 
 
 def main(argv=None):
+    _setup_env()
     p = argparse.ArgumentParser(prog='nbdocs', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
     for name, f in (('execute', cmd_execute), ('check', cmd_check)):
