@@ -54,7 +54,7 @@ def _skip_flags():
 
 
 def run_notebook(fn: Path):
-    "Execute `fn` as nbdev-test does; return (the notebook with outputs, seconds) or raise with the traceback."
+    "Execute `fn` as nbdev-test does: (the notebook with outputs, seconds, indices of the cells run), or raise with the traceback."
     from nbdev.process import NBProcessor
     from nbdev.test import _skip_cell  # nbdev-test's own rule for the cells it leaves out
     from execnb.shell import CaptureShell
