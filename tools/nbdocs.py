@@ -263,7 +263,7 @@ def _api_page(module: str) -> str:
                 if meth.startswith(n + '.') and not meth.split('.')[-1].startswith('_'):
                     m = getattr(obj, meth.split('.')[-1], None)
                     if m is not None and callable(m): parts.append(_show(show_doc(m, name=meth)))
-    return '\n'.join(parts)
+    return '\n\n'.join(parts)  # blank lines between entries: a '---' right under text would make it a heading
 
 
 def _show(r) -> str:
