@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.condiff-installed
 
-.PHONY: setup demo test sync nbtest pytest clean-runs
+.PHONY: setup demo test sync nbtest pytest clean-runs docs docs-site chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,25 @@ sync: $(STAMP)
 	$(BIN)/nbdev-clean
 	git diff --exit-code -- nbs condiff || (echo "notebooks and library out of sync or unclean: run nbdev-export && nbdev-clean and commit" && exit 1)
 
+# The notebooks run as tests, as nbdev-test runs them (same cells, same executor), and their committed outputs must be
+# the ones re-execution gives (texts exactly, figures present and alike): tools/nbdocs.py, DEVELOPING.md "Outputs".
 nbtest: $(STAMP)
-	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/python tools/nbdocs.py check --jobs 2
+
+# The chapters with their outputs: execute every notebook in order and save the outputs into nbs/ (commit them),
+# then the docs site from them in _docs/site/ (not committed; open _docs/site/index.html, no server needed).
+docs: $(STAMP)
+	$(BIN)/python tools/nbdocs.py execute --jobs 2
+	$(BIN)/nbdev-clean
+	$(BIN)/python tools/nbdocs.py site
+
+# Only the site, from the committed notebooks.
+docs-site: $(STAMP)
+	$(BIN)/python tools/nbdocs.py site
+
+# Headless Chromium for tests/test_docs_site.py (Debian's package; the test is skipped without it).
+chromium:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -7,7 +7,7 @@ Docs: https://condiff.github.io/condiff/cli.html.md"""
 # %% ../nbs/13_cli.ipynb #60c4b1f5
 from __future__ import annotations
 import argparse, json, sys
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .checks import option_specs, add_options, call_options, command_errors, in_ipython
 from .experiment import TESTSETS, PHANTOM_TESTSETS
 from .pipeline import (DEFAULT_PRESET, RUN_DEFAULTS, ReproduceConfig, train_testset, evaluate, ensemble_folds, make_table1, make_figure3,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 from .checks import file_mode

@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['PREDICTION_TYPES', 'NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps',
@@ -432,7 +431,11 @@ def restore(model_fn:Callable, # model_fn(x_t, t, cond) -> ε̂; t is a LongTens
     sampler.set_timesteps(num_steps)
     x = randn_tensor(cond.shape, gens, device=cond.device, dtype=cond.dtype)
     ahead = gens is not None  # seeded streams: this step's noise is drawn while the device runs the UNet
-    for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc='sampling', disable=not progress, leave=False)):
+    steps = sampler.timesteps.tolist()
+    if progress:  # condiff.progress (chapter 00b) picks the bar; imported only when one is asked for
+        from condiff.progress import tqdm
+        steps = tqdm(steps, desc='sampling', leave=False)
+    for i, t in enumerate(steps):
         t_batch = torch.full((B,), t, dtype=torch.long, device=cond.device)
         eps = model_fn(x, t_batch, cond)  # asynchronous on CUDA
         z = step_noise(x.shape, gens, x.device, x.dtype) if ahead and sampler.draws_noise(t) else None

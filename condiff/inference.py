@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.func import stack_module_state, functional_call, vmap
 from einops import rearrange
-from tqdm.auto import tqdm
+from .progress import tqdm
 from safetensors import safe_open
 from .checks import file_mode, quarantine
 from .ddpm import NoiseSchedule, DDPMSampler, DDIMSampler, restore, eps_from_prediction

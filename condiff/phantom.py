@@ -14,7 +14,7 @@ import skimage.data
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .checks import quarantine
 from .data import SliceSet, save_sliceset, load_sliceset, crop_square, zero_small, resize_slices, scale_to_unit, binarise, resize_center_crop, register_dataset
 

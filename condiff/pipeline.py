@@ -14,7 +14,7 @@ from multiprocessing import get_context
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .checks import (BadInput, check_int, check_choice, check_device, check_out_dir, check_in_dir, cli_flag,
                             FolderLock, die_with_parent)
 from .data import SliceSet, from_model_space, atomic_write

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _st_save, load as _st_load
 from matplotlib.figure import Figure
 from fastcore.basics import patch
-from tqdm.auto import tqdm
+from .progress import tqdm
 from .checks import (BadInput, check_choice, FolderLock, LockHeld, quarantine, file_sha256, os_error_message, parse_sets,
                             in_ipython, run_command)
 from .ddpm import PREDICTION_TYPES, NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss

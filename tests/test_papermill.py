@@ -1,7 +1,7 @@
 """The papermill experiment notebooks (nbs/train, evaluate, table1, figure3) run with smoke parameters and write their
 files; a wrong parameter stops in the validation cell right after the parameters with a message naming it;
 `papermill --help-notebook` documents every parameter; nbdev-test does not execute them."""
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -88,6 +88,23 @@ def test_table1_and_figure3_notebooks(smoke):
     run_nb('figure3', smoke['dir'], testsets='phantom-brats-t2', preset='tiny', folds='0,1', runs=str(smoke['runs']), out=str(out), test_images=6)
     from PIL import Image
     assert Image.open(out / 'figure3.png').size[0] > 300 and (out / 'figure3.pdf').read_bytes()[:5] == b'%PDF-'
+
+
+def test_train_notebook_progress_is_a_few_lines(tmp_path, monkeypatch):
+    """`papermill nbs/train.ipynb out.ipynb -p fold 0` with 60 training steps: the saved notebook shows the training
+    progress as a few lines (a line per quarter, condiff.progress.LogBar), not one per step, and no library warning
+    (tqdm.auto's "IProgress not found" before issue 14)."""
+    monkeypatch.delenv('CONDIFF_PROGRESS', raising=False)  # the default choice, as a user gets it
+    nb = run_nb('train', tmp_path, fold=0, preset='tiny', max_steps=60, batch_size=2, n_subjects=2, num_examples=1,
+                num_steps=2, out_dir=str(tmp_path / 'runs'))
+    streams = [''.join(o['text']) for c in nb['cells'] for o in c.get('outputs', []) if o['output_type'] == 'stream']
+    text = '\n'.join(streams)
+    bars = [l for l in text.replace('\r', '\n').splitlines() if re.search(r'\d+/\d+ \[', l)]
+    assert 1 <= len(bars) <= 5, bars
+    assert '60/60' in bars[-1] and '100%' in bars[-1], bars
+    assert '\r' not in text
+    for bad in ('IProgress', 'Warning', 'warn('):
+        assert bad not in text, (bad, text[:2000])
 
 
 @pytest.mark.parametrize('name,params,msg', [
