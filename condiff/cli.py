@@ -747,7 +747,7 @@ def slices_to_volume(slices:np.ndarray, # Z×1×size×size (or Z×size×size) va
     return np.moveaxis(out, 0, 2)
 
 # %% ../nbs/10_cli.ipynb #7ae87193
-def load_ensemble(run, # a family folder (holding fold*/) or one fold's run folder
+def load_ensemble(run, # a family folder (holding fold*/), one fold's run folder, or a model folder (`condiff export`)
                   device='cpu', # torch device
                   folds=None, # restrict to these folds (None: every trained fold found)
                  ) -> list: # [(fold name, model, TrainConfig), ...]
@@ -755,6 +755,8 @@ def load_ensemble(run, # a family folder (holding fold*/) or one fold's run fold
     from condiff.train import load_model
     run = Path(run)
     if not run.is_dir(): raise FileNotFoundError(f"{run}: run folder not found")
+    from condiff.hub import is_model_folder, load_pretrained
+    if is_model_folder(run): return load_pretrained(run, device, None if folds is None else parse_folds(folds))  # `condiff export`
     dirs = [run] if (run / 'config.json').is_file() else sorted(d for d in run.glob('fold*') if (d / 'config.json').is_file())
     if folds is not None:
         want = {f"fold{f}" for f in parse_folds(folds)}
@@ -776,7 +778,8 @@ def ensemble_restore(models, # from `load_ensemble`
                      seed:int=0, sampler:str='ddpm', num_steps:int=50, batch_size:int=16, device='cpu',
                      progress:bool=True,
                      batched:bool|None=None, # all folds in one pass (None: condiff.inference.batched_folds_default)
-                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
+                     fold_maps:bool=False, # also return the folds' maps F×N×1×H×W (a 4th item)
+                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index[, fold maps])
     "Restore `images` with every fold, average the SSIM maps, return the closest fold's restorations."
     import torch
     from condiff.inference import restore_folds, slice_seeds
@@ -792,7 +795,8 @@ def ensemble_restore(models, # from `load_ensemble`
     mean = fm.mean(0)
     if modality == 'MRI': mean = mean * (np.asarray(images) > 0).any(1, keepdims=True)
     best = closest_fold(fm)
-    return mean.astype(np.float32), np.clip(from_model_space(rests[best].astype(np.float32), modality), 0, 1), best
+    out = mean.astype(np.float32), np.clip(from_model_space(rests[best].astype(np.float32), modality), 0, 1), best
+    return (*out, fm) if fold_maps else out
 
 # %% ../nbs/10_cli.ipynb #83fb104a
 NIFTI_SUFFIXES, IMAGE_SUFFIXES = ('.nii', '.nii.gz'), ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
@@ -819,7 +823,7 @@ def _check_run_modality(models, modality, path):
                          f"were trained on {sorted(have)[0]} data")
 
 def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) or a fundus photograph
-           run, # a trained ensemble: family folder with fold*/ (or a single fold)
+           run, # a trained ensemble: family folder with fold*/, a single fold, a model folder, or `load_ensemble`'s list
            out_dir=None, # where to write (default: next to the input)
            device='cpu', seed:int=0,
            sampler:str|None=None, num_steps:int|None=None, # None: as `reproduce` evaluates the run's preset (RUN_DEFAULTS)
@@ -829,6 +833,8 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
            overwrite:bool=False, # replace existing outputs
            progress:bool=True,
            batched_folds:bool|None=None, # restore with all folds in one pass (None: batched on CUDA, per fold on the CPU)
+           outputs:dict|None=None, # files to write: 'map', 'restoration' and optionally 'uncertainty' (fold std), 'mask' (None: detect_outputs)
+           map_threshold:float|None=None, # the 'mask' output is map >= this (e.g. calibration.json's map_threshold)
           ) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
     path = check_in_file('input', path)
@@ -839,14 +845,17 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     zero_below = check_float('zero_below', zero_below, lo=0)  # NaN would zero nothing and make every map 0
     if folds is not None: folds = parse_folds(folds)
     if out_dir is not None: check_out_dir('out', out_dir)
-    outs = detect_outputs(path, out_dir)
+    outs = detect_outputs(path, out_dir) if outputs is None else {k: Path(v) for k, v in outputs.items()}
+    if not {'map', 'restoration'} <= set(outs) <= {'map', 'restoration', 'uncertainty', 'mask'}:
+        raise ValueError(f"outputs must name 'map' and 'restoration' (and may name 'uncertainty', 'mask'), got {sorted(outs)}")
+    if 'mask' in outs: map_threshold = check_float('map_threshold', map_threshold, lo=0)
     clash = [str(p) for p in outs.values() if p.exists()]
     if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
     nifti = _stem_suffix(path)[1] in NIFTI_SUFFIXES
     if nifti: data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
     else: load_fundus(path)
     modality = 'MRI' if nifti else 'RF'
-    models = load_ensemble(run, device, folds)
+    models = run if isinstance(run, list) else load_ensemble(run, device, folds)
     _check_run_modality(models, modality, path)
     size = getattr(models[0][1], 'meta', {}).get('image_size')  # prepare the input at the models' training size
     side = int(size[-1]) if size is not None else 128
@@ -881,9 +890,10 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
     stem = _stem_suffix(path)[0]
     maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
     rest = np.zeros_like(slices)
-    m, r, best = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
-                                  sampler, num_steps, batch_size, device, progress, batched_folds)
+    m, r, best, fm = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
+                                      sampler, num_steps, batch_size, device, progress, batched_folds, fold_maps=True)
     maps[keep], rest[keep] = m, r
+    fstd = np.zeros_like(maps); fstd[keep] = fm.std(0)  # fold disagreement: per-pixel std over the folds' maps
     if nifti:
         import nibabel as nib
         hdr = nib.load(str(path)).header.copy(); hdr.set_data_dtype(np.float32)
@@ -891,6 +901,10 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
         vmap = slices_to_volume(maps, geo, 0.0) * fg
         vrest = slices_to_volume(rest, geo, np.where(fg, data, 0), rescale=True) * fg  # outside the crop: the input
         payload = {'map': nib.Nifti1Image(vmap, affine, hdr), 'restoration': nib.Nifti1Image(vrest, affine, hdr)}
+        if 'uncertainty' in outs: payload['uncertainty'] = nib.Nifti1Image(slices_to_volume(fstd, geo, 0.0) * fg, affine, hdr)
+        if 'mask' in outs:
+            mh = hdr.copy(); mh.set_data_dtype(np.uint8)
+            payload['mask'] = nib.Nifti1Image((vmap >= map_threshold).astype(np.uint8), affine, mh)
         save = lambda img, tmp: nib.save(img, tmp)
     else:
         from PIL import Image
@@ -903,16 +917,23 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
         vrest[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(r8).resize((bw, bh), Image.LANCZOS))
         payload = {'map': Image.fromarray((np.clip(vmap, 0, 1) * 65535).round().astype(np.uint16)),
                    'restoration': Image.fromarray(vrest)}
+        if 'uncertainty' in outs:
+            vstd = np.zeros((H, W), np.float32)
+            vstd[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(fstd[0, 0]).resize((bw, bh), Image.BILINEAR))
+            payload['uncertainty'] = Image.fromarray((np.clip(vstd, 0, 1) * 65535).round().astype(np.uint16))
+        if 'mask' in outs: payload['mask'] = Image.fromarray(((vmap >= map_threshold) * 255).astype(np.uint8))
         save = lambda img, tmp: img.save(tmp, format='PNG')
     written = []
     try:
-        for k in ('map', 'restoration'):
+        for k in outs:
             written.append(atomic_write(outs[k], lambda tmp, k=k: save(payload[k], tmp), suffix=''.join(outs[k].suffixes)))
     except BaseException:
         for p in written: p.unlink(missing_ok=True)
         raise
     return dict(outs, fold=models[best][0], n_folds=len(models), slices=int(len(keep)), modality=modality,
-                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn)
+                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn,
+                fold_scores={n: float(fm[i].sum() / maps.size) for i, (n, _, _) in enumerate(models)},
+                slice_scores=maps.reshape(len(maps), -1).mean(1).tolist())
 
 def _fundus_box(W:int, H:int, size:int=128) -> tuple:
     "(left, top, right, bottom) of the original photograph that `resize_center_crop` keeps."
