@@ -34,7 +34,7 @@ class PretrainedUNet(PyTorchModelHubMixin, ConditionalUNet, library_name='condif
                                          "Use the whole ensemble: see `../README.md`.\n"):
     "A `ConditionalUNet` that `huggingface_hub` saves and loads (`save_pretrained`, `from_pretrained`, model card)."
 
-# %% ../nbs/09a_hub.ipynb #ad8bcfa7
+# %% ../nbs/09a_hub.ipynb #3971d8de
 class CorruptModel(ValueError):
     "A model folder whose files do not match `checksums.sha256` (or that lacks one it lists)."
 
@@ -72,7 +72,7 @@ def verify_model_folder(folder, # a model folder written by `export`
             raise CorruptModel(f"{p}: SHA-256 differs from {CHECKSUMS} (truncated or altered file); export the model again")
     return {n: sums[n] for n in names}
 
-# %% ../nbs/09a_hub.ipynb #ed8709e2
+# %% ../nbs/09a_hub.ipynb #e38d2821
 def _run_folds(run:Path, folds=None) -> list:
     "The fold run folders under `run` (a family folder or one fold), optionally restricted to `folds` (ints)."
     dirs = [run] if (run / 'config.json').is_file() else sorted(d for d in run.glob('fold*') if (d / 'config.json').is_file())
@@ -98,7 +98,7 @@ def _git_commit():
                                cwd=Path(__file__).parent).stdout.strip() or None
     except Exception: return None
 
-# %% ../nbs/09a_hub.ipynb #a4553356
+# %% ../nbs/09a_hub.ipynb #a93c935c
 def _staged(to:Path, overwrite:bool):
     "A temporary sibling folder of `to`; `_publish` renames it into place."
     if to.exists() and not overwrite: raise FileExistsError(f"{to} exists; pass overwrite=True (--overwrite) to replace it")
@@ -119,7 +119,7 @@ def _save_fold(model, folder:Path, fold:str, info:dict):
     p.load_state_dict({k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()})
     p.save_pretrained(folder, config={**model.config, 'condiff': info}, model_card_kwargs=dict(fold=fold))
 
-# %% ../nbs/09a_hub.ipynb #75cbe5f3
+# %% ../nbs/09a_hub.ipynb #7ad7a0ca
 def export_run(run, # a family folder (`runs/<family>/<preset>`, with fold*/) or one fold's run folder
                to, # the model folder to write
                folds=None, # only these folds (ints; None: every trained fold)
@@ -170,7 +170,7 @@ def export_run(run, # a family folder (`runs/<family>/<preset>`, with fold*/) or
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/09a_hub.ipynb #01eda438
+# %% ../nbs/09a_hub.ipynb #7cdd79bc
 CARD_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -267,7 +267,7 @@ def _fold_state(fold_dir:Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(fold_dir / 'model.safetensors'))
 
-# %% ../nbs/09a_hub.ipynb #f7c572b4
+# %% ../nbs/09a_hub.ipynb #49bff38e
 def is_model_folder(folder) -> bool:
     "Whether `folder` is a model folder written by `export` (config.json with `condiff_format`)."
     c = _read(Path(folder) / 'config.json')
@@ -332,7 +332,7 @@ def load_pretrained(folder, # a model folder written by `export`
         out.append((n, m, cfg))
     return out
 
-# %% ../nbs/09a_hub.ipynb #419961b2
+# %% ../nbs/09a_hub.ipynb #55d25e54
 def read_calibration(folder) -> dict|None:
     "The thresholds `condiff calibrate` stored in `folder` (None when it was not calibrated)."
     p = Path(folder) / 'calibration.json'
@@ -350,7 +350,7 @@ def write_calibration(folder, cal:dict) -> Path:
         write_model_card(folder); write_checksums(folder)
     return folder / 'calibration.json'
 
-# %% ../nbs/09a_hub.ipynb #40b8f964
+# %% ../nbs/09a_hub.ipynb #de03227a
 DIFFUSERS_VERSION = '0.24.0'  # recorded in the config.json we write (the oldest diffusers the dev extra allows)
 
 def config_from_diffusers(d:dict, # a diffusers UNet2DModel config (its config.json)
@@ -389,7 +389,7 @@ def _diffusers_folder(unet, folder:Path, sample_size=None):
     sd = condiff_to_diffusers({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / 'diffusion_pytorch_model.safetensors'))
 
-# %% ../nbs/09a_hub.ipynb #dfff3d24
+# %% ../nbs/09a_hub.ipynb #4406a7e0
 def _load_source(src:Path, folds=None, which=None) -> list:
     "[(fold name, model, meta, train config dict|None)] from a model folder or a run folder."
     if is_model_folder(src):
@@ -420,7 +420,7 @@ def export_diffusers(src, # a model folder or a run folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/09a_hub.ipynb #74041671
+# %% ../nbs/09a_hub.ipynb #aeb420d4
 def _diffusers_folds(src:Path) -> list:
     "[(fold name, unet_ema folder)] of a diffusers source: a unet_ema/ folder, a checkpoint holding one, or folds of those."
     import re
@@ -488,7 +488,7 @@ def import_diffusers(src, # a unet_ema/ folder, an official checkpoint folder ho
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/09a_hub.ipynb #ce04d442
+# %% ../nbs/09a_hub.ipynb #f6e3c373
 EXPORT_FORMATS = ('condiff', 'diffusers')
 
 def export(src, # a run folder, a model folder, or a diffusers source (unet_ema/)
