@@ -597,7 +597,8 @@ def reproduce(config:ReproduceConfig|None=None, # what to run (defaults: the emb
     with FolderLock(cfg.runs, 'reproduce run folder'):  # one reproduce per run folder; each fold is locked by its trainer
         return _reproduce(cfg, progress, log)
 
-def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
+def _reproduce(cfg:ReproduceConfig, progress:bool, log, run_steps=None) -> dict:
+    run_steps = run_steps or _run_steps  # condiff.cluster passes one that runs the steps on a Dask cluster
     say = log or (lambda *a, **k: None)
     t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}
     fams = {}
@@ -636,7 +637,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             if r['skipped']: skipped['train'].append(label); say(f"train {label}: finished before, skipped")
             else: say(f"train {label}: done, {r['step']} steps ({r['stop_reason']}), {r['wall_s']:.0f} s")
             bar.update(1)
-        _run_steps(tsteps, jobs, threads, progress, trained, devices)
+        run_steps(tsteps, jobs, threads, progress, trained, devices)
         stage('train', ts0)
         # 2. evaluate every fold on every test set
         ts0 = time.perf_counter()
@@ -654,9 +655,9 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
             esteps = [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
                                            'batched': True}, t) for t in cfg.testsets]
-            _run_steps(esteps, jobs, threads, progress,
+            run_steps(esteps, jobs, threads, progress,
                        lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
-        else: _run_steps(esteps, jobs, threads, progress, evaluated, devices)
+        else: run_steps(esteps, jobs, threads, progress, evaluated, devices)
         skipped['evaluate'].sort(key=elabels.index)
         stage('evaluate', ts0)
         # 3. the ensembles
