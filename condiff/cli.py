@@ -955,7 +955,10 @@ commands:
   table1     write Table 1 (ours next to the paper's quoted rows) from finished runs
   figure3    write Figure 3 (input + ground truth, restoration, anomaly map) from finished runs
   reproduce  all of the above for the chosen test sets; skips what is finished
-  detect     anomaly map + pseudo-healthy restoration for a new NIfTI scan or fundus photograph
+  detect     anomaly map + pseudo-healthy restoration for a new NIfTI scan or fundus photograph;
+             with -i IN -o OUT: every scan of a folder, with fold disagreement, mask, JSON and summary.csv
+  export     a trained run as a portable model folder (or the official diffusers unet_ema/ layout, or back)
+  calibrate  store in a model folder the thresholds for a chosen false-positive rate on healthy data
 
 default data: the embedded phantom test sets """ + ', '.join(PHANTOM_TESTSETS) + """;
 real test sets: """ + ', '.join(t for t in TESTSETS if TESTSETS[t].data == 'real') + " (need --data-root)."
@@ -1041,6 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads per job (default: 1)')
     p.add_argument('--folds-per-gpu', type=int, default=1, help="device cuda/auto: folds at once on each visible GPU (default: 1)")
     _add_fold_batching(p)
+    p.add_argument('--cluster', default=None, metavar='SPEC', help="run the training and evaluation steps on a Dask cluster: "
+                   "local[:N], a scheduler address (tcp://host:8786), or slurm|pbs|sge|lsf[:N jobs] (see README, 'Run it on a cluster')")
+    p.add_argument('--retries', type=int, default=2, help='--cluster: resubmissions of a step that failed (default 2)')
     _add_sampling(p); _add_common(p, testsets=True)
     p = sub.add_parser('pretrain', help="train a shipped base model of the CPU default",
                        description="Train the CPU default's base model of KIND (mri: T1 and T2 phantom brains; rf: phantom fundus) "
@@ -1059,9 +1065,14 @@ def build_parser() -> argparse.ArgumentParser:
                        'Fundus photograph (.png/.jpg/...): the map is a 16-bit PNG (value = map x 65535), the restoration\n'
                        '  an RGB PNG, both at the photograph\'s size (outside the centred square the model sees: map 0,\n'
                        '  restoration = the photograph).')
-    p.add_argument('input', help='NIfTI volume or fundus image')
-    p.add_argument('--run', required=True, help='trained ensemble: RUNS/<family>/<preset> (with fold*/) or one fold folder')
-    p.add_argument('--out', default=None, help='output folder (default: next to the input)')
+    p.add_argument('input', nargs='?', default=None, help='NIfTI volume or fundus image')
+    p.add_argument('-i', '--inputs', default=None, metavar='INPUT', help='batch mode: a scan or a folder of scans (recursive), '
+                   'outputs under -o with a JSON per case and summary.csv; finished cases are skipped')
+    p.add_argument('--model', '--run', dest='run', required=True, help='a model folder (condiff export) or a trained ensemble: '
+                   'RUNS/<family>/<preset> (with fold*/) or one fold folder')
+    p.add_argument('-o', '--out', default=None, help='output folder (default: next to the input; required with -i)')
+    p.add_argument('--glob', default=None, help="-i: files to take under INPUT, e.g. '**/*_T1w.nii.gz' (default: every NIfTI/image file)")
+    p.add_argument('--bids', action='store_true', help='-i: BIDS-derivative names (sub-X_..._desc-anomaly_<suffix>) for BIDS-named inputs')
     p.add_argument('--folds', default=None, help="use only these folds (default: all found)")
     p.add_argument('--zero-below', type=float, default=1e-4, help='NIfTI background threshold (official: 1e-4; ATLAS 0.1)')
     p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
@@ -1069,6 +1080,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fold_batching(p)
     _add_sampling(p)
     p.set_defaults(num_steps=None)
+    p = sub.add_parser('export', help='a trained run as a portable model folder', description='Write DIR: config.json, one '
+                       'safetensors file per fold (EMA weights), a README model card and checksums.sha256, read by detect --model '
+                       'and ConditionalUNet.from_pretrained. --format diffusers writes the official <fold>/unet_ema/ layout; a '
+                       'SRC in that layout is imported into a model folder.')
+    p.add_argument('src', help='a run folder (RUNS/<family>/<preset> or one fold), a model folder, or a diffusers unet_ema/ source')
+    p.add_argument('--to', required=True, help='the folder to write')
+    p.add_argument('--format', default='condiff', choices=['condiff', 'diffusers'], help='what to write (default: condiff)')
+    p.add_argument('--folds', default=None, help='only these folds (default: all)')
+    p.add_argument('--which', default=None, choices=['best', 'latest'], help='checkpoint of a run (default: best if any, else latest)')
+    p.add_argument('--modality', default=None, choices=['MRI', 'RF'], help='importing diffusers weights: the modality (default: from the channels)')
+    p.add_argument('--image-size', type=int, default=None, help="importing diffusers weights: the training images' side")
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --to folder')
+    p = sub.add_parser('calibrate', help='thresholds for a chosen healthy false-positive rate',
+                       description='Restore healthy data with the model, then store in MODEL/calibration.json the map threshold '
+                       'flagging --pixel-fpr of healthy pixels and the score threshold flagging --image-fpr of healthy images '
+                       '(or scans, with --healthy). detect then writes a binary mask and a yes/no per case.')
+    p.add_argument('--model', required=True, help='a model folder (condiff export) or a run folder')
+    p.add_argument('--data', default=None, help="healthy slices: a .npz slice set or a dataset name[:split] (default: the "
+                   "validation split of the model's training data)")
+    p.add_argument('--healthy', default=None, help='or: a folder of healthy scans (NIfTI or fundus), prepared as detect prepares them')
+    p.add_argument('--pixel-fpr', type=float, default=0.01, help='fraction of healthy pixels the mask may flag (default 0.01)')
+    p.add_argument('--image-fpr', type=float, default=0.05, help='fraction of healthy images/scans the yes/no may flag (default 0.05)')
+    p.add_argument('--folds', default=None, help='only these folds (default: all)')
+    p.add_argument('--zero-below', type=float, default=1e-4, help='--healthy NIfTI background threshold (default 1e-4)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_fold_batching(p)
+    _add_sampling(p)
     return P
 
 def main(argv=None):
@@ -1111,7 +1149,10 @@ def main(argv=None):
                                   train_overrides=_parse_sets(a.set), n_examples=a.examples, from_scratch=a.from_scratch,
                                   data_seed=a.data_seed, jobs=a.jobs, threads=a.threads, folds_per_gpu=a.folds_per_gpu,
                                   batched_folds=_fold_batching(a))
-            reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
+            if a.cluster is not None:  # the same steps on a Dask cluster (condiff.cluster)
+                from condiff.cluster import reproduce_on_cluster
+                reproduce_on_cluster(cfg, a.cluster, retries=a.retries, progress=progress, log=lambda s: tqdm.write(s))
+            else: reproduce(cfg, progress=progress, log=lambda s: tqdm.write(s))
         elif a.command == 'pretrain':
             if a.max_steps < 1 or a.threads < 1: raise ValueError(f"--max-steps and --threads must be >= 1, got {a.max_steps}, {a.threads}")
             import torch
@@ -1120,10 +1161,29 @@ def main(argv=None):
             try: tasks = tuple(int(t) for t in a.tasks.split(','))
             except ValueError: raise ValueError(f"--tasks: expected comma-separated task ids 0..4, got {a.tasks!r}") from None
             print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, train_tasks=tasks, progress=progress))
+        elif a.command == 'detect' and (a.inputs is not None or (a.input is not None and Path(a.input).is_dir())):
+            from condiff.scans import detect_scans
+            if a.inputs is not None and a.input is not None: raise ValueError("give the input once: INPUT or -i INPUT")
+            if a.out is None: raise BadInput('out_dir', None, 'an output folder (-o OUTPUT) in batch mode')
+            r = detect_scans(a.inputs or a.input, a.out, a.run, a.glob, a.bids, a.device, a.seed, a.sampler, a.num_steps,
+                             a.batch_size, a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))
+            print(json.dumps(dict(summary=str(r['summary']), ok=r['ok'], skipped=r['skipped'], errors=r['errors'])))
+            if r['errors']: return 3  # some cases were refused: summary.csv says which and why
         elif a.command == 'detect':
+            if a.input is None: raise BadInput('input', None, 'a scan (INPUT), or -i INPUT -o OUTPUT for a folder')
             r = detect(a.input, a.run, a.out, a.device, a.seed, a.sampler, a.num_steps, a.batch_size,
                        a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))
-            print(json.dumps(r, default=str))
+            print(json.dumps({k: v for k, v in r.items() if k != 'slice_scores'}, default=str))
+        elif a.command == 'export':
+            from condiff.hub import export
+            print(export(a.src, a.to, a.format, None if a.folds is None else parse_folds(a.folds), a.which, a.overwrite,
+                         a.modality, a.image_size))
+        elif a.command == 'calibrate':
+            from condiff.calibrate import calibrate
+            cal = calibrate(a.model, a.data, a.healthy, a.pixel_fpr, a.image_fpr, a.device, a.seed, a.sampler, a.num_steps,
+                            a.batch_size, a.folds, a.zero_below, progress, _fold_batching(a))
+            print(json.dumps({k: cal[k] for k in ('map_threshold', 'score_threshold', 'pixel_fpr', 'image_fpr', 'score_level',
+                                                  'data', 'n_images', 'on_calibration_data')}))
     except BadInput as e:  # the shared rules (condiff.checks), with the option spelled as this command's flag
         P.exit(2, f"{prog}: error: {e.message(_FLAGS.get(a.command, {}).get(e.option) or cli_flag(e.option))}\n")
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:  # refused: bad input, missing step, held lock
@@ -1136,7 +1196,8 @@ def main(argv=None):
 # how each command spells the API names of `BadInput.option` (default: '--' + name with '-')
 _FLAGS = {'reproduce': {'seed': '--train-seed', 'eval_seed': '--seed', 'eval_batch_size': '--batch-size', 'n_examples': '--examples',
                         'train_overrides': '--set'},
-          'figure3': {'n_examples': '--examples'}, 'detect': {'input': 'INPUT', 'out_dir': '--out'}}
+          'figure3': {'n_examples': '--examples'}, 'detect': {'input': 'INPUT', 'inputs': '-i', 'out_dir': '-o/--out'},
+          'export': {'src': 'SRC', 'to': '--to'}, 'calibrate': {'healthy_dir': '--healthy'}}
 
 # %% ../nbs/10_cli.ipynb #bbec99fa
 def _in_ipython() -> bool:
