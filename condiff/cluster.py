@@ -70,16 +70,20 @@ def jobqueue_cluster(kind:str='slurm', # 'slurm', 'pbs', 'sge' or 'lsf'
     if not isinstance(folds_per_gpu, int) or folds_per_gpu < 1: raise BadInput('folds_per_gpu', folds_per_gpu, 'an int >= 1')
     cls = {'slurm': dask_jobqueue.SLURMCluster, 'pbs': dask_jobqueue.PBSCluster, 'sge': dask_jobqueue.SGECluster,
            'lsf': dask_jobqueue.LSFCluster}[kind]
-    directives, extra = list(job_extra_directives), []
+    import dask
+    conf = lambda key: dask.config.get(f'jobqueue.{kind}.{key}', default=None)  # ~/.config/dask/jobqueue.yaml: added to, not replaced
+    directives, extra = [*(conf('job-extra-directives') or []), *job_extra_directives], [*(conf('worker-extra-args') or [])]
     if gpus:
         if kind == 'slurm': directives.append(f'--gres=gpu:{gpus}')
         extra += ['--resources', f'GPU={gpus}']
     # condiff's training may start DataLoader worker processes: a daemonic Dask worker could not
-    prologue = ['export DASK_DISTRIBUTED__WORKER__DAEMON=False', *job_script_prologue]
+    prologue = ['export DASK_DISTRIBUTED__WORKER__DAEMON=False', *(conf('job-script-prologue') or []), *job_script_prologue]
     if os.environ.get('CONDIFF_CACHE'): prologue.append(f"export CONDIFF_CACHE={os.environ['CONDIFF_CACHE']}")
-    args = dict(cores=max(cores or folds_per_gpu, folds_per_gpu), processes=1, memory=memory or '16GB', walltime=walltime,
+    args = dict(cores=max(cores or conf('cores') or folds_per_gpu, folds_per_gpu), processes=1,
+                memory=memory or conf('memory') or '16GB', walltime=walltime,
                 queue=queue, account=account, python=python, job_extra_directives=directives,
                 worker_extra_args=extra, job_script_prologue=prologue, **kw)
+    args.setdefault('job_name', 'condiff')
     if kind == 'lsf': args['project'] = args.pop('account')
     return cls(**{k: v for k, v in args.items() if v is not None})
 
