@@ -382,8 +382,8 @@ def config_from_diffusers(d:dict, # a diffusers UNet2DModel config (its config.j
 def _diffusers_folder(unet, folder:Path, sample_size=None):
     "Write `unet` as a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)."
     from safetensors.torch import save_file
+    kw = json.loads(json.dumps(diffusers_config(unet.config)))  # refuses cond_skip networks, before anything is written
     folder.mkdir(parents=True, exist_ok=True)
-    kw = json.loads(json.dumps(diffusers_config(unet.config)))  # refuses cond_skip networks
     cfg = dict(_class_name='UNet2DModel', _diffusers_version=DIFFUSERS_VERSION, sample_size=sample_size, **kw)
     (folder / 'config.json').write_text(json.dumps(cfg, indent=2))
     sd = condiff_to_diffusers({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()})

@@ -132,3 +132,23 @@ def test_batch_mode_errors(run, tmp_path, capsys):
     assert 'no NIfTI or image file found' in capsys.readouterr().err
     assert cli('detect', '--model', run) == 2
     assert 'a scan (INPUT), or -i INPUT -o OUTPUT' in capsys.readouterr().err
+
+
+def test_fundus_folder(tmp_path):
+    "A fundus photograph: PNG outputs at the photograph's size, the highest-scoring grid cells in its JSON."
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    save_sliceset(SliceSet(rng.random((4, 3, 32, 32), dtype=np.float32), [f"f/{i}" for i in range(4)], 'RF'), tmp_path / 'rf.npz')
+    train_fold(fold_config('phantom-fundus', None, 0, preset='tiny', train_data=str(tmp_path / 'rf.npz'), val_data=str(tmp_path / 'rf.npz'),
+                           max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1),
+               tmp_path / 'runs', progress=False)
+    (tmp_path / 'in').mkdir()
+    Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(tmp_path / 'in' / 'eye.png')
+    r = detect_scans(tmp_path / 'in', tmp_path / 'out', tmp_path / 'runs' / 'phantom-fundus' / 'tiny', num_steps=2, progress=False)
+    assert r['ok'] == 1
+    for name in ('eye_anomaly_map.png', 'eye_fold_std.png', 'eye_restoration.png'):
+        with Image.open(tmp_path / 'out' / name) as im: assert im.size == (56, 40)
+    rec = json.loads((tmp_path / 'out' / 'eye.json').read_text())
+    assert rec['modality'] == 'RF' and len(rec['top']) == 5 and rec['top'][0]['score'] >= rec['top'][-1]['score']
+    x0, y0, x1, y1 = rec['top'][0]['box']
+    assert 0 <= x0 < x1 <= 56 and 0 <= y0 < y1 <= 40
