@@ -86,3 +86,9 @@ def test_calibrate_bad_inputs(run, tmp_path, sets, capsys):
     with pytest.raises(ValueError, match='either data or healthy_dir'): calibrate(run, sets[0], healthy_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match='the model was trained on 32×32'):
         calibrate(run, phantom_brain('val', 't1', cache_dir=False, n_subjects=2, slice_step=40, size=64, progress=False), progress=False)
+
+
+def test_default_data_is_the_models_validation_data(run, sets):
+    cal = calibrate(run, pixel_fpr=0.05, image_fpr=0.1, num_steps=2, progress=False, write=False)
+    assert cal['data'].startswith('validation data') and cal['data'].endswith('tr.npz') and cal['n_images'] == len(sets[0])
+    assert cal['score_level'] == 'image' and cal['folds'] == ['fold0', 'fold1']
