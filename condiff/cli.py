@@ -1161,9 +1161,9 @@ def main(argv=None):
             try: tasks = tuple(int(t) for t in a.tasks.split(','))
             except ValueError: raise ValueError(f"--tasks: expected comma-separated task ids 0..4, got {a.tasks!r}") from None
             print(build_base(a.kind, a.max_steps, a.runs, a.weights_dir, train_tasks=tasks, progress=progress))
-        elif a.command == 'detect' and (a.inputs is not None or (a.input is not None and Path(a.input).is_dir())):
+        elif a.command == 'detect' and a.inputs is not None:  # batch mode (condiff.scans)
             from condiff.scans import detect_scans
-            if a.inputs is not None and a.input is not None: raise ValueError("give the input once: INPUT or -i INPUT")
+            if a.input is not None: raise ValueError("give the input once: INPUT (one scan) or -i INPUT (a scan or a folder)")
             if a.out is None: raise BadInput('out_dir', None, 'an output folder (-o OUTPUT) in batch mode')
             r = detect_scans(a.inputs or a.input, a.out, a.run, a.glob, a.bids, a.device, a.seed, a.sampler, a.num_steps,
                              a.batch_size, a.folds, a.zero_below, a.overwrite, progress, _fold_batching(a))

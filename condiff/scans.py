@@ -145,7 +145,8 @@ def run_case(path, root, out_dir, models, ident:dict, cal:dict|None, settings:di
     outs = None
     try:
         outs = case_outputs(path, root, out_dir, bids)
-        key = _case_key(file_sha256(path), ident, {**settings, 'calibration': cal})
+        sha = file_sha256(path)
+        key = _case_key(sha, ident, {**settings, 'calibration': cal})
         rec = None if overwrite else _finished(outs, key)
         if rec is not None: status = 'skipped'
         else:
@@ -156,7 +157,7 @@ def run_case(path, root, out_dir, models, ident:dict, cal:dict|None, settings:di
                        progress=progress, device=settings['device'], seed=settings['seed'], sampler=settings['sampler'],
                        num_steps=settings['num_steps'], batch_size=settings['batch_size'], zero_below=settings['zero_below'],
                        batched_folds=settings['batched_folds'])
-            rec = dict(case=row['case'], input=str(path), input_sha256=file_sha256(path), status='ok', key=key,
+            rec = dict(case=row['case'], input=str(path), input_sha256=sha, status='ok', key=key,
                        score=r['score'], fold_scores=r['fold_scores'], **case_decision(r, cal),
                        fold_std_mean=_fold_std_mean(r['uncertainty']),
                        top=top_places(r), modality=r['modality'], n_folds=r['n_folds'], closest_fold=r['fold'],

@@ -92,7 +92,7 @@ def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(local, client,
 
 def test_slurm_submission_script():
     c = jobqueue_cluster('slurm', gpus=1, folds_per_gpu=2, cores=8, memory='32GB', walltime='24:00:00', queue='gpu',
-                         scheduler_options={'dashboard_address': None},
+                         scheduler_options={'dashboard_address': ':0'},
                          account='mylab', job_script_prologue=['module load cuda/12.4', 'source ~/venvs/condiff/bin/activate'])
     try: s = c.job_script()
     finally: c.close()
