@@ -1064,7 +1064,10 @@ def build_parser() -> argparse.ArgumentParser:
                        '  preprocessing is applied and inverted, so the outputs have the input\'s grid and affine (float32).\n'
                        'Fundus photograph (.png/.jpg/...): the map is a 16-bit PNG (value = map x 65535), the restoration\n'
                        '  an RGB PNG, both at the photograph\'s size (outside the centred square the model sees: map 0,\n'
-                       '  restoration = the photograph).')
+                       '  restoration = the photograph).\n'
+                       'Batch mode, -i INPUT -o OUTPUT (a scan or a folder, searched recursively): per case also the fold-\n'
+                       '  disagreement map (_fold_std), the mask (_anomaly_mask, once the model is calibrated) and a JSON record;\n'
+                       '  one OUTPUT/summary.csv; finished cases are skipped, refused ones reported (exit status 3).')
     p.add_argument('input', nargs='?', default=None, help='NIfTI volume or fundus image')
     p.add_argument('-i', '--inputs', default=None, metavar='INPUT', help='batch mode: a scan or a folder of scans (recursive), '
                    'outputs under -o with a JSON per case and summary.csv; finished cases are skipped')

@@ -237,9 +237,15 @@ def _metrics_md(metrics:dict) -> str:
 
 def _calibration_md(cal:dict|None) -> str:
     if not cal: return "Not calibrated: `condiff calibrate --model DIR` adds the thresholds of the binary mask and of the yes/no."
-    return (f"Map threshold {cal['map_threshold']:.4g}: {cal['pixel_fpr']:.2%} of healthy pixels above it (target). "
-            f"Score threshold {cal['score_threshold']:.4g}: {cal['image_fpr']:.2%} of healthy {cal['score_level']}s above it (target). "
-            f"Measured on {cal['data']} ({cal['n_images']} images, {cal['n_pixels']} pixels).")
+    got = cal.get('on_calibration_data') or {}
+    return (f"Map threshold {cal['map_threshold']:.4g} (the mask): chosen for {cal['pixel_fpr']:.2%} of healthy pixels above it "
+            f"({got.get('pixel_fpr', float('nan')):.2%} on the calibration data). Score threshold {cal['score_threshold']:.4g} "
+            f"(the yes/no): chosen for {cal['image_fpr']:.2%} of healthy {cal['score_level']}s above it "
+            f"({got.get('image_fpr', float('nan')):.2%} on the calibration data). Calibrated on {cal['data']} ({cal['n_images']} "
+            f"{cal['score_level']}s, {cal['n_pixels']} pixels) with {cal['sampler']}/{cal['num_steps']} sampling, seed {cal['seed']}.")
+
+def _kv(d, sep=': ') -> str:
+    return ', '.join(f"{k}{sep}{v}" for k, v in d.items()) if isinstance(d, dict) and d else 'unknown'
 
 def write_model_card(folder) -> Path:
     "Render `folder/README.md` from its config.json (and calibration.json, if any) with `huggingface_hub.ModelCard`."
@@ -254,10 +260,10 @@ def write_model_card(folder) -> Path:
         image_size='×'.join(map(str, c.get('image_size') or [])) or 'unknown', dataset=t.get('dataset', 'unknown'),
         sequence=t.get('sequence'), data_seed=t.get('data_seed', 'unknown'), preset=c.get('preset'),
         unet_preset=(c.get('unet') or {}).get('preset'), n_params=f"{n_params:,}", folds=', '.join(c['folds']),
-        steps=t.get('steps', 'unknown'), checkpoint_steps=t.get('checkpoint_step', 'unknown'),
+        steps=_kv(t.get('steps')), checkpoint_steps=_kv(t.get('checkpoint_step')),
         init_weights=t.get('init_weights') or 'random', seed=t.get('seed', 'unknown'), metrics=_metrics_md(c.get('metrics')),
         train_commits=', '.join(pv.get('train_commits') or []) or 'unknown', export_commit=pv.get('export_commit') or 'unknown',
-        exported=pv.get('exported'), versions=pv.get('versions') or 'unknown', calibration=_calibration_md(read_calibration(folder)),
+        exported=pv.get('exported'), versions=_kv(pv.get('versions'), ' '), calibration=_calibration_md(read_calibration(folder)),
         intended_use=c.get('intended_use') or DEFAULT_USE, folder=folder.name if not folder.name.startswith('.') else 'MODEL_DIR',
         first_fold=c['folds'][0])
     card.save(folder / 'README.md')
