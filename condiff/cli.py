@@ -835,7 +835,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
            progress:bool=True,
            batched_folds:bool|None=None, # restore with all folds in one pass (None: batched on CUDA, per fold on the CPU)
            outputs:dict|None=None, # files to write: 'map', 'restoration' and optionally 'uncertainty' (fold std), 'mask' (None: detect_outputs)
-           map_threshold:float|None=None, # the 'mask' output is map >= this (e.g. calibration.json's map_threshold)
+           map_threshold:float|None=None, # the 'mask' output is map > this (calibration.json's map_threshold: a healthy pixel is above it with the chosen rate)
           ) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
     path = check_in_file('input', path)
@@ -905,7 +905,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
         if 'uncertainty' in outs: payload['uncertainty'] = nib.Nifti1Image(slices_to_volume(fstd, geo, 0.0) * fg, affine, hdr)
         if 'mask' in outs:
             mh = hdr.copy(); mh.set_data_dtype(np.uint8)
-            payload['mask'] = nib.Nifti1Image((vmap >= map_threshold).astype(np.uint8), affine, mh)
+            payload['mask'] = nib.Nifti1Image((vmap > map_threshold).astype(np.uint8), affine, mh)
         save = lambda img, tmp: nib.save(img, tmp)
     else:
         from PIL import Image
@@ -922,7 +922,7 @@ def detect(path, # a NIfTI volume (skull-stripped, in the training atlas space) 
             vstd = np.zeros((H, W), np.float32)
             vstd[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(fstd[0, 0]).resize((bw, bh), Image.BILINEAR))
             payload['uncertainty'] = Image.fromarray((np.clip(vstd, 0, 1) * 65535).round().astype(np.uint16))
-        if 'mask' in outs: payload['mask'] = Image.fromarray(((vmap >= map_threshold) * 255).astype(np.uint8))
+        if 'mask' in outs: payload['mask'] = Image.fromarray(((vmap > map_threshold) * 255).astype(np.uint8))
         save = lambda img, tmp: img.save(tmp, format='PNG')
     written = []
     try:

@@ -115,7 +115,7 @@ def test_bids_names_and_calibrated_mask(run, tmp_path):
     mask = nib.load(str(d / 'sub-01_desc-anomaly_mask.nii.gz'))
     amap = np.asarray(nib.load(str(d / 'sub-01_desc-anomaly_T1w.nii.gz')).dataobj)
     assert mask.get_data_dtype() == np.uint8 and np.allclose(mask.affine, OBLIQUE)
-    assert np.array_equal(np.asarray(mask.dataobj) == 1, amap >= cal['map_threshold'])
+    assert np.array_equal(np.asarray(mask.dataobj) == 1, amap > cal['map_threshold'])
     rec = json.loads((d / 'sub-01_desc-anomaly_T1w.json').read_text())
     assert rec['decision_score'] == rec['top'][0]['score']  # calibrated on 2-D slices: the volume's highest slice score decides
     assert rec['anomalous'] == (rec['decision_score'] > cal['score_threshold'])
