@@ -333,7 +333,7 @@ def option_specs(*sources, # functions or dataclasses whose parameters (fields) 
 def add_options(parser, # an argparse parser (or subparser)
                 specs:dict, # from `option_specs`
                 pos=(), # parameters given positionally
-                flags:dict|None=None, # {parameter: '--flag' or 'NAME'}: a spelling other than `cli_flag(parameter)`
+                flags:dict|None=None, # {parameter: '--flag', '-f/--flag' (aliases) or 'NAME'}: a spelling other than `cli_flag(parameter)`
                 over:dict|None=None, # {parameter: extra `add_argument` keywords} (choices, type, default, help, ...)
                ):
     "One argparse argument per parameter: type and default from the signature, help from the docments comment."
@@ -359,7 +359,7 @@ def add_options(parser, # an argparse parser (or subparser)
             shown = ' '.join(map(str, shown)) if isinstance(shown, (list, tuple)) else shown
             kw['help'] = o.get('help', d['docment']) + ('' if empty or kind == 'dict' else f" (default: {shown})")
         if k in pos: kw.pop('dest'); kw['metavar'] = flags.get(k) or k; name = k
-        parser.add_argument(name, **kw)
+        parser.add_argument(*(name.split('/') if name.startswith('-') else [name]), **kw)
     return parser
 
 # %% ../nbs/00a_checks.ipynb #7ef65c3d

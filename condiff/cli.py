@@ -1,4 +1,4 @@
-"""`condiff train | evaluate | ensemble | table1 | figure3 | reproduce | pretrain | detect`: one subcommand per pipeline function of chapters 11 and 12.
+"""`condiff train | evaluate | ensemble | table1 | figure3 | reproduce | pretrain | detect | export | calibrate`: one subcommand per pipeline function of chapters 9a, 11, 11a, 12, 12a and 12b.
 
 Docs: https://condiff.github.io/condiff/cli.html.md"""
 
@@ -8,11 +8,16 @@ Docs: https://condiff.github.io/condiff/cli.html.md"""
 from __future__ import annotations
 import argparse, json, sys
 from .progress import tqdm
-from .checks import option_specs, add_options, call_options, command_errors, in_ipython
+from .checks import BadInput, option_specs, add_options, call_options, command_errors, in_ipython
 from .experiment import TESTSETS, PHANTOM_TESTSETS
+from .experiment import parse_folds
+from .hub import export
 from .pipeline import (DEFAULT_PRESET, RUN_DEFAULTS, ReproduceConfig, train_testset, evaluate, ensemble_folds, make_table1, make_figure3,
                               reproduce, pretrain)
+from .cluster import reproduce_on_cluster
 from .detect import detect
+from .scans import detect_scans
+from .calibrate import calibrate
 
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'main']
@@ -24,6 +29,27 @@ _FOLDS = dict(type=str, default='0-9')
 _BATCHING = dict(choices=['auto', 'on', 'off'], default='auto', help='restore with all folds in one batched pass: auto = on for CUDA, off for the CPU')
 _ON_OFF = {'auto': None, 'on': True, 'off': False}
 _EVAL_KEYS = ('testset', 'AP_i', 'AUROC', 'AP_p', 'max_Dice', 'n_images', 'sampler', 'num_steps')
+_CAL_KEYS = ('map_threshold', 'score_threshold', 'pixel_fpr', 'image_fpr', 'score_level', 'data', 'n_images', 'on_calibration_data')
+
+def _reproduce_command(*, cluster=None, retries=2, progress=True, log=print, **fields):
+    "`condiff reproduce`: `reproduce` (this machine), or `reproduce_on_cluster` with --cluster."
+    if cluster is None: return reproduce(progress=progress, log=log, **fields)
+    return reproduce_on_cluster(ReproduceConfig(**fields), cluster, retries=retries, progress=progress, log=log)
+
+def _detect_command(*, path=None, inputs=None, pattern=None, bids=False, run, out_dir=None, **kw):
+    "`condiff detect`: one scan (INPUT, `detect`) or, with -i, every scan of a folder (`detect_scans`, -o required)."
+    if inputs is None:
+        if path is None: raise BadInput('input', None, 'a scan (INPUT), or -i INPUT -o OUTPUT for a folder')
+        return detect(path, run, out_dir=out_dir, **kw)
+    if path is not None: raise ValueError("give the input once: INPUT (one scan) or -i INPUT (a scan or a folder)")
+    if out_dir is None: raise BadInput('out_dir', None, 'an output folder (-o OUTPUT) in batch mode')
+    return detect_scans(inputs, out_dir, run, pattern=pattern, bids=bids, **kw)
+
+def _show_detect(r) -> int:
+    "One scan: its JSON record (without the per-slice scores); a folder: the counts, and exit status 3 if a case was refused."
+    if 'summary' not in r: print(json.dumps({k: v for k, v in r.items() if k != 'slice_scores'}, default=str)); return 0
+    print(json.dumps(dict(summary=str(r['summary']), ok=r['ok'], skipped=r['skipped'], errors=r['errors'])))
+    return 3 if r['errors'] else 0  # summary.csv says which case and why
 
 COMMANDS = {  # one subcommand per pipeline function: its options are the function's parameters (docments), less `skip`
     'train': dict(func=train_testset, help='train one fold', pos=('testset',), flags={'overrides': '--set'},
@@ -37,25 +63,49 @@ COMMANDS = {  # one subcommand per pipeline function: its options are the functi
                    show=lambda ps: [print(p) for p in ps.values()]),
     'figure3': dict(func=make_figure3, help='write Figure 3', flags={'n_examples': '--examples'}, over=dict(folds=_FOLDS),
                     show=lambda ps: [print(p) for p in ps.values()]),
-    'reproduce': dict(func=reproduce, sources=(ReproduceConfig, reproduce), help='all folds -> Table 1 -> Figure 3', skip=('config', 'log'),
+    'reproduce': dict(func=_reproduce_command, sources=(ReproduceConfig, reproduce, reproduce_on_cluster), help='all folds -> Table 1 -> Figure 3',
+                      skip=('config', 'log', 'client'),
                       description='Train all folds of every needed model family, evaluate them on the chosen test sets, ensemble, then '
                                   'write Table 1, Figure 3 and manifest.json to OUT. Finished steps are skipped, so an interrupted run '
-                                  'picks up where it stopped. Default: the four phantom test sets, cpu preset (the CPU default), CPU.',
+                                  'picks up where it stopped. Default: the four phantom test sets, cpu preset (the CPU default), CPU.\n'
+                                  'With --cluster the training and evaluation steps run on a Dask cluster: local[:N], a scheduler '
+                                  "address (tcp://host:8786), or slurm|pbs|sge|lsf[:N jobs] (README, 'Run it on a cluster').",
                       flags={'seed': '--train-seed', 'eval_seed': '--seed', 'eval_batch_size': '--batch-size', 'n_examples': '--examples',
                              'train_overrides': '--set', 'batched_folds': '--fold-batching'},
-                      over=dict(folds=_FOLDS, sampler=_SAMPLER, batched_folds=_BATCHING), convert=dict(batched_folds=_ON_OFF.get),
-                      fixed=dict(log=lambda s: tqdm.write(s))),
+                      over=dict(folds=_FOLDS, sampler=_SAMPLER, batched_folds=_BATCHING,
+                                cluster=dict(default=None, help='run the training and evaluation steps on this Dask cluster: local[:N], '
+                                             'a scheduler address, or slurm|pbs|sge|lsf[:N jobs]; None: this machine')),
+                      convert=dict(batched_folds=_ON_OFF.get), fixed=dict(log=lambda s: tqdm.write(s))),
     'pretrain': dict(func=pretrain, help='train a shipped base model of the CPU default', pos=('kind',), over=dict(kind=dict(choices=['mri', 'rf']))),
-    'detect': dict(func=detect, help='anomaly map for a new scan', pos=('path',), description=(
+    'detect': dict(func=_detect_command, sources=(detect, detect_scans), skip=('outputs', 'map_threshold', 'model'),
+                   help='anomaly map for a new scan (-i: every scan of a folder)', pos=('path',), description=(
                    'Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
                    'NIfTI (.nii/.nii.gz): a skull-stripped volume registered to the training atlas space; the benchmark\n'
                    '  preprocessing is applied and inverted, so the outputs have the input\'s grid and affine (float32).\n'
                    'Fundus photograph (.png/.jpg/...): the map is a 16-bit PNG (value = map x 65535), the restoration\n'
                    '  an RGB PNG, both at the photograph\'s size (outside the centred square the model sees: map 0,\n'
-                   '  restoration = the photograph).'),
-                   flags={'path': 'input', 'input': 'INPUT', 'out_dir': '--out', 'batched_folds': '--fold-batching'},
-                   over=dict(sampler=_SAMPLER, batched_folds=_BATCHING), convert=dict(batched_folds=_ON_OFF.get),
-                   show=lambda r: print(json.dumps(r, default=str))),
+                   '  restoration = the photograph).\n'
+                   'Batch mode, -i INPUT -o OUTPUT (a scan or a folder, searched recursively): per case also the fold-\n'
+                   '  disagreement map (_fold_std), the mask (_anomaly_mask, once the model is calibrated) and a JSON record;\n'
+                   '  one OUTPUT/summary.csv; finished cases are skipped, refused ones reported (exit status 3).'),
+                   flags={'path': 'input', 'input': 'INPUT', 'inputs': '-i/--inputs', 'run': '--model/--run', 'out_dir': '-o/--out',
+                          'pattern': '--glob', 'batched_folds': '--fold-batching'},
+                   over=dict(path=dict(nargs='?', default=None), inputs=dict(required=False, default=None), sampler=_SAMPLER, batched_folds=_BATCHING),
+                   convert=dict(batched_folds=_ON_OFF.get), show=_show_detect),
+    'export': dict(func=export, help='a trained run as a portable model folder (or the diffusers unet_ema/ layout, or back)', pos=('src',),
+                   description='Write TO: config.json, one safetensors file per fold (EMA weights), a README model card and '
+                               'checksums.sha256, read by detect --model and ConditionalUNet.from_pretrained. --format diffusers writes '
+                               'the official <fold>/unet_ema/ layout; a SRC in that layout is imported into a model folder.',
+                   flags={'src': 'SRC'}, over=dict(format=dict(choices=['condiff', 'diffusers']), which=dict(choices=['best', 'latest']),
+                                                    modality=dict(choices=['MRI', 'RF'])),
+                   convert=dict(folds=lambda v: None if v is None else parse_folds(v)), show=print),
+    'calibrate': dict(func=calibrate, help='thresholds for a chosen healthy false-positive rate', skip=('write', 'return_maps'),
+                      description='Restore healthy data with the model, then store in MODEL/calibration.json the map threshold '
+                                  'flagging --pixel-fpr of healthy pixels and the score threshold flagging --image-fpr of healthy images '
+                                  '(or scans, with --healthy). detect then writes a binary mask and a yes/no per case.',
+                      flags={'healthy_dir': '--healthy', 'batched_folds': '--fold-batching'},
+                      over=dict(sampler=_SAMPLER, batched_folds=_BATCHING), convert=dict(batched_folds=_ON_OFF.get),
+                      show=lambda cal: print(json.dumps({k: cal[k] for k in _CAL_KEYS}))),
 }
 
 _DESCRIPTION = ("condiff: image-conditioned diffusion models for medical anomaly detection (Baugh et al. 2024).\n\ncommands:\n"
@@ -80,15 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/13_cli.ipynb #d2199f58
 def main(argv=None # the arguments (None: sys.argv[1:])
-        ) -> int: # 0 (refused input: SystemExit 2; OS error: 1)
+        ) -> int: # 0, or what the command's `show` returns (refused input: SystemExit 2; OS error: 1)
     "Entry point of the `condiff` console script: the subcommand's function, called with keyword arguments only."
     P = build_parser()
     a = P.parse_args(argv)
     c = COMMANDS[a.command]
     r = command_errors(P, f"condiff {a.command}", lambda: call_options(c['func'], a, _specs(c), c.get('flags'), c.get('convert'),
                                                                          **c.get('fixed', {})), c.get('flags'))
-    if c.get('show'): c['show'](r)
-    return 0
+    code = c['show'](r) if c.get('show') else None
+    return code if isinstance(code, int) else 0
 
 # %% ../nbs/13_cli.ipynb #d108c5fd
 if __name__ == '__main__' and not in_ipython(): sys.exit(main())

@@ -21,6 +21,7 @@ from .experiment import parse_folds
 from .train import load_model
 from .inference import restore_folds, slice_seeds
 from .report import closest_fold
+from .hub import is_model_folder, load_pretrained
 from .pipeline import RUN_DEFAULTS, check_same_family, _which
 
 # %% auto #0
@@ -73,13 +74,14 @@ def slices_to_volume(slices:np.ndarray, # Z×1×size×size (or Z×size×size) va
     return np.moveaxis(out, 0, 2)
 
 # %% ../nbs/12_detect.ipynb #778e3b70
-def load_ensemble(run, # a family folder (holding fold*/) or one fold's run folder
+def load_ensemble(run, # a family folder (holding fold*/), one fold's run folder, or a model folder (`condiff export`)
                   device='cpu', # torch device
                   folds=None, # restrict to these folds (None: every trained fold found)
                  ) -> list: # [(fold name, model, TrainConfig), ...]
     "Load the EMA weights of every trained fold under `run` (checkpoint `best`, else `latest`)."
     run = Path(run)
     if not run.is_dir(): raise FileNotFoundError(f"{run}: run folder not found")
+    if is_model_folder(run): return load_pretrained(run, device, None if folds is None else parse_folds(folds))  # `condiff export`
     dirs = [run] if (run / 'config.json').is_file() else sorted(d for d in run.glob('fold*') if (d / 'config.json').is_file())
     if folds is not None:
         want = {f"fold{f}" for f in parse_folds(folds)}
@@ -102,7 +104,8 @@ def ensemble_restore(models, # from `load_ensemble`
                      seed:int=0, sampler:str='ddpm', num_steps:int=50, batch_size:int=16, device='cpu',
                      progress:bool=True,
                      batched:bool|None=None, # all folds in one pass (None: condiff.inference.batched_folds_default)
-                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index)
+                     fold_maps:bool=False, # also return the folds' maps F×N×1×H×W (a 4th item)
+                    ) -> tuple: # (ensemble maps N×1×H×W, restorations N×C×H×W in [0,1], fold index[, fold maps])
     "Restore `images` with every fold, average the SSIM maps, return the closest fold's restorations."
     y = to_model_space(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), modality)
     seeds = slice_seeds(seed, ids)
@@ -115,7 +118,8 @@ def ensemble_restore(models, # from `load_ensemble`
     mean = fm.mean(0)
     if modality == 'MRI': mean = mean * (np.asarray(images) > 0).any(1, keepdims=True)
     best = closest_fold(fm)
-    return mean.astype(np.float32), np.clip(from_model_space(rests[best].astype(np.float32), modality), 0, 1), best
+    out = mean.astype(np.float32), np.clip(from_model_space(rests[best].astype(np.float32), modality), 0, 1), best
+    return (*out, fm) if fold_maps else out
 
 # %% ../nbs/12_detect.ipynb #c821602a
 NIFTI_SUFFIXES, IMAGE_SUFFIXES = ('.nii', '.nii.gz'), ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
@@ -143,15 +147,20 @@ def _check_run_modality(models, modality, path):
                          f"were trained on {sorted(have)[0]} data")
 
 # %% ../nbs/12_detect.ipynb #eab979ea
-def _nifti_outputs(path, data, affine, geo, maps, rest, zero_below) -> tuple: # ({'map', 'restoration'}: NIfTI images, save fn)
-    "Map and restoration back on the scan's grid, with its affine and header (float32); background 0 as the input's."
+def _nifti_outputs(path, data, affine, geo, maps, rest, zero_below, fstd=None, map_threshold=None) -> tuple: # ({'map', 'restoration'[, 'uncertainty', 'mask']}: NIfTI images, save fn)
+    "Map and restoration (and fold disagreement `fstd`, the mask map > `map_threshold`) back on the scan's grid, with its affine and header; background 0 as the input's."
     hdr = nib.load(str(path)).header.copy(); hdr.set_data_dtype(np.float32)
     fg = data >= zero_below  # background zeroing (spec §5.2) again on the input's grid: resizing blurs the border
     vmap = slices_to_volume(maps, geo, 0.0) * fg
     vrest = slices_to_volume(rest, geo, np.where(fg, data, 0), rescale=True) * fg  # outside the crop: the input
-    return {'map': nib.Nifti1Image(vmap, affine, hdr), 'restoration': nib.Nifti1Image(vrest, affine, hdr)}, lambda img, tmp: nib.save(img, tmp)
+    out = {'map': nib.Nifti1Image(vmap, affine, hdr), 'restoration': nib.Nifti1Image(vrest, affine, hdr)}
+    if fstd is not None: out['uncertainty'] = nib.Nifti1Image(slices_to_volume(fstd, geo, 0.0) * fg, affine, hdr)
+    if map_threshold is not None:
+        mh = hdr.copy(); mh.set_data_dtype(np.uint8)
+        out['mask'] = nib.Nifti1Image((vmap > map_threshold).astype(np.uint8), affine, mh)
+    return out, lambda img, tmp: nib.save(img, tmp)
 
-def _fundus_outputs(photo, maps, rest) -> tuple: # ({'map': 16-bit PNG, 'restoration': RGB PNG}, save fn)
+def _fundus_outputs(photo, maps, rest, fstd=None, map_threshold=None) -> tuple: # ({'map': 16-bit PNG, 'restoration': RGB PNG[, 'uncertainty', 'mask']}, save fn)
     "Map and restoration on the photograph's centred square (the area the model saw); outside it map 0, restoration = photo."
     H, W = photo.shape[:2]
     box = _fundus_box(W, H, maps.shape[-1])
@@ -160,14 +169,19 @@ def _fundus_outputs(photo, maps, rest) -> tuple: # ({'map': 16-bit PNG, 'restora
     vmap[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(maps[0, 0]).resize((bw, bh), Image.BILINEAR))
     r8 = (rest[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
     vrest[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(r8).resize((bw, bh), Image.LANCZOS))
-    return ({'map': Image.fromarray((np.clip(vmap, 0, 1) * 65535).round().astype(np.uint16)), 'restoration': Image.fromarray(vrest)},
-            lambda img, tmp: img.save(tmp, format='PNG'))
+    out = {'map': Image.fromarray((np.clip(vmap, 0, 1) * 65535).round().astype(np.uint16)), 'restoration': Image.fromarray(vrest)}
+    if fstd is not None:  # fold disagreement, a 16-bit PNG like the map
+        vstd = np.zeros((H, W), np.float32)
+        vstd[box[1]:box[3], box[0]:box[2]] = np.asarray(Image.fromarray(fstd[0, 0]).resize((bw, bh), Image.BILINEAR))
+        out['uncertainty'] = Image.fromarray((np.clip(vstd, 0, 1) * 65535).round().astype(np.uint16))
+    if map_threshold is not None: out['mask'] = Image.fromarray(((vmap > map_threshold) * 255).astype(np.uint8))
+    return out, lambda img, tmp: img.save(tmp, format='PNG')
 
-def _write_both(outs:dict, payload:dict, save):
-    "Write map and restoration, each atomically; if the second fails, the first is removed again (nothing half-written)."
+def _write_all(outs:dict, payload:dict, save):
+    "Write every output, each atomically; if one fails, those already written are removed again (nothing half-written)."
     written = []
     try:
-        for k in ('map', 'restoration'):
+        for k in outs:
             written.append(atomic_write(outs[k], lambda tmp, k=k: save(payload[k], tmp), suffix=''.join(outs[k].suffixes)))
     except BaseException:
         for p in written: p.unlink(missing_ok=True)
@@ -175,7 +189,7 @@ def _write_both(outs:dict, payload:dict, save):
 
 # %% ../nbs/12_detect.ipynb #3ad8be7a
 def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or fundus image
-           run, # trained ensemble: RUNS/<family>/<preset> (with fold*/) or one fold folder
+           run, # trained ensemble: RUNS/<family>/<preset> (with fold*/), one fold folder, a model folder (condiff export), or `load_ensemble`'s list
            out_dir=None, # output folder (None: next to the input)
            device='cpu', # torch device: cpu, cuda, cuda:1, auto
            seed:int=0, # base seed of the sampling noise
@@ -187,6 +201,8 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
            overwrite:bool=False, # replace existing outputs
            progress:bool=True, # progress bars
            batched_folds:bool|None=None, # restore with all folds in one pass (None: batched on CUDA, per fold on the CPU)
+           outputs:dict|None=None, # files to write: 'map', 'restoration' and optionally 'uncertainty' (fold std), 'mask' (None: detect_outputs)
+           map_threshold:float|None=None, # the 'mask' output is map > this (calibration.json's map_threshold: a healthy pixel is above it with the chosen rate)
           ) -> dict: # {'map': path, 'restoration': path, 'fold': closest fold, ...}
     "Anomaly map and pseudo-healthy restoration of one scan, written next to it on the scan's own grid."
     path = check_in_file('input', path)
@@ -197,14 +213,17 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     zero_below = check_float('zero_below', zero_below, lo=0)  # NaN would zero nothing and make every map 0
     if folds is not None: folds = parse_folds(folds)
     if out_dir is not None: check_out_dir('out', out_dir)
-    outs = detect_outputs(path, out_dir)
+    outs = detect_outputs(path, out_dir) if outputs is None else {k: Path(v) for k, v in outputs.items()}
+    if not {'map', 'restoration'} <= set(outs) <= {'map', 'restoration', 'uncertainty', 'mask'}:
+        raise ValueError(f"outputs must name 'map' and 'restoration' (and may name 'uncertainty', 'mask'), got {sorted(outs)}")
+    if 'mask' in outs: map_threshold = check_float('map_threshold', map_threshold, lo=0)
     clash = [str(p) for p in outs.values() if p.exists()]
     if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
     nifti = _stem_suffix(path)[1] in NIFTI_SUFFIXES
     if nifti: data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
     else: load_fundus(path)
     modality = 'MRI' if nifti else 'RF'
-    models = load_ensemble(run, device, folds)
+    models = run if isinstance(run, list) else load_ensemble(run, device, folds)
     _check_run_modality(models, modality, path)
     size = getattr(models[0][1], 'meta', {}).get('image_size')  # prepare the input at the models' training size
     side = int(size[-1]) if size is not None else 128
@@ -237,14 +256,18 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     stem = _stem_suffix(path)[0]
     maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
     rest = np.zeros_like(slices)
-    m, r, best = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
-                                  sampler, num_steps, batch_size, device, progress, batched_folds)
+    m, r, best, fm = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
+                                      sampler, num_steps, batch_size, device, progress, batched_folds, fold_maps=True)
     maps[keep], rest[keep] = m, r
-    payload, save = (_nifti_outputs(path, data, affine, geo, maps, rest, zero_below) if nifti else
-                     _fundus_outputs(photo, maps, rest))
-    _write_both(outs, payload, save)
+    fstd = np.zeros_like(maps); fstd[keep] = fm.std(0)  # fold disagreement: per-pixel std over the folds' maps
+    extra = dict(fstd=fstd if 'uncertainty' in outs else None, map_threshold=map_threshold if 'mask' in outs else None)
+    payload, save = (_nifti_outputs(path, data, affine, geo, maps, rest, zero_below, **extra) if nifti else
+                     _fundus_outputs(photo, maps, rest, **extra))
+    _write_all(outs, payload, save)
     return dict(outs, fold=models[best][0], n_folds=len(models), slices=int(len(keep)), modality=modality,
-                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn)
+                sampler=f"{sampler}/{num_steps}", score=float(maps.mean()), input_range=rng_in, warnings=warn,
+                fold_scores={n: float(fm[i].sum() / maps.size) for i, (n, _, _) in enumerate(models)},
+                slice_scores=maps.reshape(len(maps), -1).mean(1).tolist())
 
 # %% ../nbs/12_detect.ipynb #cb63515e
 def _fundus_box(W:int, H:int, size:int=128) -> tuple:

@@ -639,7 +639,10 @@ def _manifest(cfg:ReproduceConfig, prov:dict, progress:bool, wall_s:float, stage
                 results=results, outputs=sorted(str(p) for p in outputs), machine=prov['machine'], versions=prov['versions'])
 
 # %% ../nbs/11_pipeline.ipynb #39a908e6
-def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
+def _reproduce(cfg:ReproduceConfig, progress:bool, log,
+               run_steps=None, # fn(steps, jobs, threads, progress, on_done, devices) running the steps (None: `_run_steps`; condiff.cluster passes a Dask one)
+              ) -> dict:
+    run_steps = run_steps or _run_steps
     say = log or (lambda *a, **k: None)
     t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}
     fams = {}
@@ -664,7 +667,7 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             if r['skipped']: skipped['train'].append(label); say(f"train {label}: finished before, skipped")
             else: say(f"train {label}: done, {r['step']} steps ({r['stop_reason']}), {r['wall_s']:.0f} s")
             bar.update(1)
-        _run_steps(tsteps, jobs, threads, progress, trained, devices)
+        run_steps(tsteps, jobs, threads, progress, trained, devices)
         stage('train', ts0)
         # 2. evaluate every fold on every test set
         ts0 = time.perf_counter()
@@ -682,9 +685,9 @@ def _reproduce(cfg:ReproduceConfig, progress:bool, log) -> dict:
             per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
             esteps = [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
                                            'batched': True}, t) for t in cfg.testsets]
-            _run_steps(esteps, jobs, threads, progress,
-                       lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
-        else: _run_steps(esteps, jobs, threads, progress, evaluated, devices)
+            run_steps(esteps, jobs, threads, progress,
+                      lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
+        else: run_steps(esteps, jobs, threads, progress, evaluated, devices)
         skipped['evaluate'].sort(key=elabels.index)
         stage('evaluate', ts0)
         # 3. the ensembles

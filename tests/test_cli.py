@@ -287,7 +287,7 @@ def test_data_seed_reaches_training(tmp_path, monkeypatch):
     seen = {}
     def stop(steps, *a, **k): seen['steps'] = steps; raise _Stop
     monkeypatch.setattr(Pl, '_run_steps', stop)
-    def rec_reproduce(progress=True, log=None, **fields):  # what `condiff reproduce` calls: the ReproduceConfig fields by keyword
+    def rec_reproduce(progress=True, log=None, cluster=None, retries=2, **fields):  # what `condiff reproduce` calls: the ReproduceConfig fields by keyword (and --cluster, --retries)
         seen['cfg'] = Pl.ReproduceConfig(**fields)
         return Pl.reproduce(seen['cfg'], progress=False, log=None)
     monkeypatch.setitem(C.COMMANDS['reproduce'], 'func', rec_reproduce)
