@@ -32,3 +32,18 @@ def ellipsoid(shape=(40, 36, 6), value=300.0, seed=0):
     inside = ((g[0] - c[0]) / (shape[0] * .35)) ** 2 + ((g[1] - c[1]) / (shape[1] * .33)) ** 2 + ((g[2] - c[2]) / (shape[2] * .6)) ** 2 < 1
     rng = np.random.default_rng(seed)
     return (inside * (value + 20 * rng.standard_normal(shape))).clip(0).astype(np.float32)
+
+
+def tiny_mri_folds(root, folds):
+    "Tiny MRI folds (two steps each) trained at 32² on slices of `ellipsoid()`; returns their family folder."
+    from condiff.data import SliceSet, save_sliceset
+    from condiff.detect import volume_to_slices
+    from condiff.pipeline import fold_config, train_fold
+    sl, _ = volume_to_slices(ellipsoid(), 32)
+    keep = sl.reshape(len(sl), -1).max(1) > 0
+    save_sliceset(SliceSet(sl[keep], [f"s/z{i}" for i in range(int(keep.sum()))], 'MRI'), root / 'mri.npz')
+    for f in folds:
+        train_fold(fold_config('phantom-brain', 't1', f, preset='tiny', train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
+                               max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1),
+                   root / 'runs', progress=False)
+    return root / 'runs' / 'phantom-brain-t1' / 'tiny'

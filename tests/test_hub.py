@@ -14,22 +14,14 @@ from condiff.data import SliceSet, save_sliceset
 from condiff.hub import export, load_pretrained, verify_model_folder, CorruptModel, read_model_config
 from condiff.train import load_model
 from condiff.unet import ConditionalUNet, build_unet
-from conftest import ellipsoid
+from conftest import ellipsoid, tiny_mri_folds
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp('hub')
-    sl, _ = volume_to_slices(ellipsoid(), 32)
-    keep = sl.reshape(len(sl), -1).max(1) > 0
-    save_sliceset(SliceSet(sl[keep], [f"s/z{i}" for i in range(int(keep.sum()))], 'MRI'), root / 'mri.npz')
-    for f in (0, 3):
-        train_fold(fold_config('phantom-brain', 't1', f, preset='tiny', train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
-                               max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1),
-                   root / 'runs', progress=False)
-    return root / 'runs' / 'phantom-brain-t1' / 'tiny'
+    return tiny_mri_folds(tmp_path_factory.mktemp('hub'), (0, 3))
 
 
 def cli(*argv):

@@ -11,7 +11,7 @@ from condiff.pipeline import fold_config, train_fold
 from condiff.detect import volume_to_slices
 from condiff.data import SliceSet, save_sliceset
 from condiff.scans import detect_scans
-from conftest import ellipsoid
+from conftest import ellipsoid, tiny_mri_folds
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
@@ -21,15 +21,7 @@ OBLIQUE = np.array([[0.9, 0.1, 0.0, -20.0], [0.0, 1.1, 0.05, 12.0], [0.0, 0.0, 2
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     "Two tiny MRI folds (two steps) trained at 32² on slices of an ellipsoid."
-    root = tmp_path_factory.mktemp('scans')
-    sl, _ = volume_to_slices(ellipsoid(), 32)
-    keep = sl.reshape(len(sl), -1).max(1) > 0
-    save_sliceset(SliceSet(sl[keep], [f"s/z{i}" for i in range(int(keep.sum()))], 'MRI'), root / 'mri.npz')
-    for f in (0, 1):
-        train_fold(fold_config('phantom-brain', 't1', f, preset='tiny', train_data=str(root / 'mri.npz'), val_data=str(root / 'mri.npz'),
-                               max_steps=2, batch_size=2, val_batch_size=2, val_start=1, val_every=1, checkpoint_every=1),
-                   root / 'runs', progress=False)
-    return root / 'runs' / 'phantom-brain-t1' / 'tiny'
+    return tiny_mri_folds(tmp_path_factory.mktemp('scans'), (0, 1))
 
 
 def cli(*argv):
