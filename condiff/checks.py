@@ -11,6 +11,7 @@ import argparse, inspect
 from pathlib import Path
 import numpy as np
 import torch
+from fastcore.basics import patch
 from fastcore.docments import docments
 
 # %% auto #0
@@ -206,56 +207,61 @@ class FolderLock:
         self.path = self.folder / '.lock'
         self.took_over, self.created, self._made = None, False, None
 
-    def acquire(self):
-        "Take the lock, or raise `LockHeld` naming its holder. A lock left by a dead process is taken over."
-        key = str(self.path.resolve())
-        if key in _HELD: _HELD[key][1] += 1; return self
-        self.created, top = not self.folder.exists(), self.folder
-        while not top.parent.exists() and top.parent != top: top = top.parent
-        self._made = top if self.created else None  # the topmost folder this lock creates
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            info = self._read(fd); os.close(fd)
-            raise LockHeld(f"{self.folder}: this {self.what} is in use by another process "
-                           f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('started', '?')}; "
-                           f"lock file {self.path}); wait for it to finish or stop it") from None
-        old = self._read(fd)
-        if old.get('pid') and (old.get('host') != socket.gethostname() or not _pid_alive(old['pid']) or int(old['pid']) != os.getpid()):
-            self.took_over = old
-        me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                  argv=sys.argv[:6])
-        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(me).encode(), 0)
-        _HELD[key] = [fd, 1]
-        return self
-
     @staticmethod
     def _read(fd) -> dict:
         try: return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
         except (ValueError, OSError): return {}
 
-    def release(self):
-        key = str(self.path.resolve()) if self.path.exists() else None
-        ent = _HELD.get(key) if key else None
-        if ent is None: return
-        ent[1] -= 1
-        if ent[1] > 0: return
-        del _HELD[key]
-        try:
-            os.ftruncate(ent[0], 0)
-            if self.created and [p.name for p in self.folder.iterdir()] == ['.lock']:  # we made it and wrote nothing: leave no trace
-                self.path.unlink()
-                d = self.folder
-                while True:
-                    d.rmdir()
-                    if d == self._made or any(d.parent.iterdir()): break
-                    d = d.parent
-        except OSError: pass
-        finally: os.close(ent[0])  # closing the descriptor releases the lock (the kernel does it too if we die)
-
     def __enter__(self): return self.acquire()
     def __exit__(self, *_): self.release()
+
+# %% ../nbs/00a_checks.ipynb #854a46e4
+@patch
+def acquire(self:FolderLock):
+    "Take the lock, or raise `LockHeld` naming its holder. A lock left by a dead process is taken over."
+    key = str(self.path.resolve())
+    if key in _HELD: _HELD[key][1] += 1; return self
+    self.created, top = not self.folder.exists(), self.folder
+    while not top.parent.exists() and top.parent != top: top = top.parent
+    self._made = top if self.created else None  # the topmost folder this lock creates
+    self.folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        info = self._read(fd); os.close(fd)
+        raise LockHeld(f"{self.folder}: this {self.what} is in use by another process "
+                       f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('started', '?')}; "
+                       f"lock file {self.path}); wait for it to finish or stop it") from None
+    old = self._read(fd)
+    if old.get('pid') and (old.get('host') != socket.gethostname() or not _pid_alive(old['pid']) or int(old['pid']) != os.getpid()):
+        self.took_over = old
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+              argv=sys.argv[:6])
+    os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(me).encode(), 0)
+    _HELD[key] = [fd, 1]
+    return self
+
+# %% ../nbs/00a_checks.ipynb #2746dbdf
+@patch
+def release(self:FolderLock):
+    "Let go of the lock (the last of re-entrant holds); a folder it created and nothing was written to is removed again."
+    key = str(self.path.resolve()) if self.path.exists() else None
+    ent = _HELD.get(key) if key else None
+    if ent is None: return
+    ent[1] -= 1
+    if ent[1] > 0: return
+    del _HELD[key]
+    try:
+        os.ftruncate(ent[0], 0)
+        if self.created and [p.name for p in self.folder.iterdir()] == ['.lock']:  # we made it and wrote nothing: leave no trace
+            self.path.unlink()
+            d = self.folder
+            while True:
+                d.rmdir()
+                if d == self._made or any(d.parent.iterdir()): break
+                d = d.parent
+    except OSError: pass
+    finally: os.close(ent[0])  # closing the descriptor releases the lock (the kernel does it too if we die)
 
 # %% ../nbs/00a_checks.ipynb #f79164b2
 def lock_holder(folder) -> dict:
