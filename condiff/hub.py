@@ -21,8 +21,8 @@ from .experiment import provenance
 
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'CHECKSUMS', 'CARD_TEMPLATE', 'DEFAULT_USE', 'DIFFUSERS_VERSION', 'EXPORT_FORMATS', 'PretrainedUNet',
-           'CorruptModel', 'write_checksums', 'read_checksums', 'verify_model_folder', 'export_run', 'write_model_card',
-           'is_model_folder', 'read_model_config', 'load_pretrained', 'read_calibration', 'write_calibration',
+           'CorruptModel', 'write_checksums', 'read_checksums', 'verify_model_folder', 'export_run', 'read_calibration',
+           'write_calibration', 'write_model_card', 'is_model_folder', 'read_model_config', 'load_pretrained',
            'config_from_diffusers', 'export_diffusers', 'is_diffusers_source', 'import_diffusers', 'export']
 
 # %% ../nbs/09a_hub.ipynb #ca935d5f
@@ -103,6 +103,14 @@ def _staged(to:Path, overwrite:bool):
     to.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=to.parent, prefix=f".{to.name}.tmp-"))
 
+@contextlib.contextmanager
+def _staging(to:Path, overwrite:bool):
+    "`with _staging(to, overwrite) as tmp:` the `_staged` folder, removed again if the block fails (Ctrl-C included)."
+    tmp = _staged(to, overwrite)
+    try: yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+
 def _publish(tmp:Path, to:Path) -> Path:
     write_checksums(tmp)
     if to.exists():
@@ -111,6 +119,7 @@ def _publish(tmp:Path, to:Path) -> Path:
     else: os.replace(tmp, to)
     return to
 
+# %% ../nbs/09a_hub.ipynb #31103779
 def _save_fold(model, folder:Path, fold:str, info:dict):
     "One fold in the Hugging Face layout (config.json = the UNet config + condiff's metadata under 'condiff')."
     p = PretrainedUNet(**model.config)
@@ -139,8 +148,7 @@ def export_run(run, # a family folder (`runs/<family>/<preset>`, with fold*/) or
         for k in ('family', 'modality', 'img_channels', 'image_size', 'model_config'):
             if m.meta.get(k) != m0.get(k): raise ValueError(f"{d}: its {k} {m.meta.get(k)!r} differs from {dirs[0]}'s {m0.get(k)!r}; "
                                                            "an ensemble exports folds of one family")
-    tmp = _staged(to, overwrite)
-    try:
+    with _staging(to, overwrite) as tmp:
         names = []
         for d, w, model, cfg, st in loaded:
             name = d.name if d.name.startswith('fold') else f"fold{cfg.fold}"
@@ -162,11 +170,7 @@ def export_run(run, # a family folder (`runs/<family>/<preset>`, with fold*/) or
                                     train_commits=sorted({st.get('git_commit') for *_, st in loaded if st.get('git_commit')}),
                                     versions=loaded[0][4].get('versions'), device=loaded[0][4].get('device')),
                     intended_use=intended_use)
-        (tmp / 'config.json').write_text(json.dumps(info, indent=1, default=str))
-        write_model_card(tmp)
-        return _publish(tmp, to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+        return _finish_model_folder(tmp, to, info)
 
 # %% ../nbs/09a_hub.ipynb #7cdd79bc
 CARD_TEMPLATE = """---
@@ -220,6 +224,7 @@ unet = ConditionalUNet.from_pretrained('{{ folder }}', fold='{{ first_fold }}')
 ```
 """
 
+# %% ../nbs/09a_hub.ipynb #a68cfc7d
 DEFAULT_USE = ("Research on unsupervised anomaly detection in medical images: reproducing the paper, studying the method, "
                "screening research scans for regions that deserve a look. Not for clinical decisions.")
 
@@ -233,6 +238,7 @@ def _metrics_md(metrics:dict) -> str:
               f"{fmt(m.get('n_images'))} | {m.get('sampler', '–')}/{m.get('num_steps', '–')} |" for a, t, m in rows]
     return '\n'.join(lines)
 
+# %% ../nbs/09a_hub.ipynb #ff8dfcea
 def _calibration_md(cal:dict|None) -> str:
     if not cal: return "Not calibrated: `condiff calibrate --model DIR` adds the thresholds of the binary mask and of the yes/no."
     got = cal.get('on_calibration_data') or {}
@@ -245,6 +251,25 @@ def _calibration_md(cal:dict|None) -> str:
 def _kv(d, sep=': ') -> str:
     return ', '.join(f"{k}{sep}{v}" for k, v in d.items()) if isinstance(d, dict) and d else 'unknown'
 
+# %% ../nbs/09a_hub.ipynb #55d25e54
+def read_calibration(folder) -> dict|None:
+    "The thresholds `condiff calibrate` stored in `folder` (None when it was not calibrated)."
+    p = Path(folder) / 'calibration.json'
+    if not p.is_file(): return None
+    if (Path(folder) / CHECKSUMS).is_file() and is_model_folder(folder): verify_model_folder(folder, ['calibration.json'])
+    return json.loads(p.read_text())
+
+def write_calibration(folder, cal:dict) -> Path:
+    "Store `cal` as `folder/calibration.json`; in a model folder, the card and the checksums are rewritten with it."
+    folder = Path(folder)
+    tmp = folder / '.calibration.json.tmp'
+    tmp.write_text(json.dumps(cal, indent=1)); os.replace(tmp, folder / 'calibration.json')
+    if is_model_folder(folder):
+        (folder / CHECKSUMS).unlink(missing_ok=True)  # the old list no longer holds: rebuilt below
+        write_model_card(folder); write_checksums(folder)
+    return folder / 'calibration.json'
+
+# %% ../nbs/09a_hub.ipynb #84991fb0
 def write_model_card(folder) -> Path:
     "Render `folder/README.md` from its config.json (and calibration.json, if any) with `huggingface_hub.ModelCard`."
     folder = Path(folder)
@@ -270,6 +295,13 @@ def write_model_card(folder) -> Path:
 def _fold_state(fold_dir:Path) -> dict:
     return load_file(str(fold_dir / 'model.safetensors'))
 
+# %% ../nbs/09a_hub.ipynb #5f1c2bb0
+def _finish_model_folder(tmp:Path, to:Path, info:dict) -> Path:
+    "The last steps of every model-folder writer: `info` as config.json, the card, the checksums, then `tmp` renamed to `to`."
+    (tmp / 'config.json').write_text(json.dumps(info, indent=1, default=str))
+    write_model_card(tmp)
+    return _publish(tmp, to)
+
 # %% ../nbs/09a_hub.ipynb #49bff38e
 def is_model_folder(folder) -> bool:
     "Whether `folder` is a model folder written by `export` (config.json with `condiff_format`)."
@@ -287,6 +319,7 @@ def read_model_config(folder) -> dict:
         raise ValueError(f"{folder}: model folder format {c['condiff_format']} is newer than this condiff reads ({MODEL_FORMAT}); upgrade condiff")
     return c
 
+# %% ../nbs/09a_hub.ipynb #ee8cf1eb
 def _load_fold(fold_dir:Path, device='cpu') -> ConditionalUNet:
     with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints "Loading weights from local directory"
         m = PretrainedUNet.from_pretrained(str(fold_dir), strict=True, map_location=str(device))
@@ -314,6 +347,7 @@ def from_pretrained(cls:ConditionalUNet,
     verify_model_folder(root, [f"{fold}/config.json", f"{fold}/model.safetensors"])
     return _load_fold(root / fold, device)
 
+# %% ../nbs/09a_hub.ipynb #99ea23b7
 def load_pretrained(folder, # a model folder written by `export`
                     device='cpu', # torch device
                     folds=None, # only these folds (ints or 'fold<k>' names; None: all)
@@ -334,24 +368,6 @@ def load_pretrained(folder, # a model folder written by `export`
         cfg = TrainConfig.from_json(json.dumps(tc)) if tc else TrainConfig.from_preset('paper')  # imported: the paper's recipe
         out.append((n, m, cfg))
     return out
-
-# %% ../nbs/09a_hub.ipynb #55d25e54
-def read_calibration(folder) -> dict|None:
-    "The thresholds `condiff calibrate` stored in `folder` (None when it was not calibrated)."
-    p = Path(folder) / 'calibration.json'
-    if not p.is_file(): return None
-    if (Path(folder) / CHECKSUMS).is_file() and is_model_folder(folder): verify_model_folder(folder, ['calibration.json'])
-    return json.loads(p.read_text())
-
-def write_calibration(folder, cal:dict) -> Path:
-    "Store `cal` as `folder/calibration.json`; in a model folder, the card and the checksums are rewritten with it."
-    folder = Path(folder)
-    tmp = folder / '.calibration.json.tmp'
-    tmp.write_text(json.dumps(cal, indent=1)); os.replace(tmp, folder / 'calibration.json')
-    if is_model_folder(folder):
-        (folder / CHECKSUMS).unlink(missing_ok=True)  # the old list no longer holds: rebuilt below
-        write_model_card(folder); write_checksums(folder)
-    return folder / 'calibration.json'
 
 # %% ../nbs/09a_hub.ipynb #de03227a
 DIFFUSERS_VERSION = '0.24.0'  # recorded in the config.json we write (the oldest diffusers the dev extra allows)
@@ -410,8 +426,7 @@ def export_diffusers(src, # a model folder or a run folder
     "Write every fold as the official code's checkpoint layout: `to/<fold>/unet_ema/` (diffusers) + `to/condiff.json`."
     src, to = check_in_dir('src', src), check_out_dir('to', to)
     loaded = _load_source(src, folds, which)
-    tmp = _staged(to, overwrite)
-    try:
+    with _staging(to, overwrite) as tmp:
         for n, m, meta, _ in loaded:
             size = (meta.get('image_size') or [None])[-1]
             _diffusers_folder(m, tmp / n / 'unet_ema', size)
@@ -419,8 +434,6 @@ def export_diffusers(src, # a model folder or a run folder
                     folds={n: dict(meta=json.loads(json.dumps(meta, default=str)), train_config=tc) for n, _, meta, tc in loaded})
         (tmp / 'condiff.json').write_text(json.dumps(side, indent=1))
         return _publish(tmp, to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/09a_hub.ipynb #aeb420d4
 def _diffusers_folds(src:Path) -> list:
@@ -440,6 +453,7 @@ def is_diffusers_source(src) -> bool:
     try: return bool(_diffusers_folds(Path(src)))
     except (FileNotFoundError, OSError): return False
 
+# %% ../nbs/09a_hub.ipynb #b1c92b5a
 def import_diffusers(src, # a unet_ema/ folder, an official checkpoint folder holding one, or a folder of those (one per fold)
                      to, # the condiff model folder to write
                      modality:str|None=None, # 'MRI' or 'RF' (None: from condiff.json, else 1 channel = MRI, 3 = RF)
@@ -450,8 +464,7 @@ def import_diffusers(src, # a unet_ema/ folder, an official checkpoint folder ho
     src, to = check_in_dir('src', src), check_out_dir('to', to)
     if modality is not None and modality not in ('MRI', 'RF'): raise BadInput('modality', modality, "'MRI' or 'RF'")
     side = _read(src / 'condiff.json') or {}
-    tmp = _staged(to, overwrite)
-    try:
+    with _staging(to, overwrite) as tmp:
         names = []
         for i, (name, ud) in enumerate(_diffusers_folds(src)):
             n = name if name in side.get('folds', {}) else _fold_name(name, i)
@@ -482,11 +495,7 @@ def import_diffusers(src, # a unet_ema/ folder, an official checkpoint folder ho
                     metrics={}, provenance=dict(source=str(src.resolve()), imported_from='diffusers unet_ema',
                                                 exported=time.strftime('%Y-%m-%dT%H:%M:%S%z'), export_commit=_git_commit()),
                     intended_use=None)
-        (tmp / 'config.json').write_text(json.dumps(info, indent=1, default=str))
-        write_model_card(tmp)
-        return _publish(tmp, to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+        return _finish_model_folder(tmp, to, info)
 
 # %% ../nbs/09a_hub.ipynb #f6e3c373
 EXPORT_FORMATS = ('condiff', 'diffusers')
