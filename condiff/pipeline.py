@@ -8,7 +8,7 @@ Docs: https://condiff.github.io/condiff/pipeline.html.md"""
 from __future__ import annotations
 import dataclasses, json, os, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -639,71 +639,83 @@ def _manifest(cfg:ReproduceConfig, prov:dict, progress:bool, wall_s:float, stage
                 results=results, outputs=sorted(str(p) for p in outputs), machine=prov['machine'], versions=prov['versions'])
 
 # %% ../nbs/11_pipeline.ipynb #39a908e6
-def _reproduce(cfg:ReproduceConfig, progress:bool, log,
-               run_steps=None, # fn(steps, jobs, threads, progress, on_done, devices) running the steps (None: `_run_steps`; condiff.cluster passes a Dask one)
-              ) -> dict:
-    run_steps = run_steps or _run_steps
-    say = log or (lambda *a, **k: None)
-    t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}
+@contextmanager
+def _timed(stages:dict, name:str):
+    "Add the wall time of the `with` block to `stages[name]` (seconds, 2 decimals) when the block finishes."
+    t0 = time.perf_counter()
+    yield
+    stages[name] = round(stages.get(name, 0) + time.perf_counter() - t0, 2)
+
+# %% ../nbs/11_pipeline.ipynb #ccb95f5d
+def _eval_steps(cfg:ReproduceConfig, together:bool) -> list: # [(kind, kwargs, label), ...]
+    "Every fold's evaluation step on every test set; `together`: one step per test set instead, its folds restored together (FoldStack)."
+    esteps = [('evaluate', dict(testset=t, fold=f, preset=cfg.preset, runs=str(cfg.runs), device=cfg.device,
+                                sampler=cfg.sampler, num_steps=cfg.num_steps, batch_size=cfg.eval_batch_size,
+                                seed=cfg.eval_seed, data_root=cfg.data_root, data_seed=cfg.data_seed,
+                                test_images=cfg.test_images), f"{t}/fold{f}")
+              for t in cfg.testsets for f in cfg.folds]
+    if not together: return esteps
+    per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
+    return [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
+                                 'batched': True}, t) for t in cfg.testsets]
+
+# %% ../nbs/11_pipeline.ipynb #a2008844
+def _job_shape(cfg:ReproduceConfig) -> tuple: # ({family: its test sets}, jobs, threads, job devices, batched folds, steps)
+    "What `reproduce` runs and where: the model families its test sets need, the workers, fold batching, the bar's step count."
     fams = {}
     for t in cfg.testsets: fams.setdefault(TESTSETS[t].family, []).append(t)
     jobs, threads = cfg.resolved_jobs()
     devices = cfg.job_devices()
     batched = cfg.batched_folds if cfg.batched_folds is not None else batched_folds_default(devices[0].split(':')[0])
     n_steps = len(fams) * len(cfg.folds) + len(cfg.testsets) * (len(cfg.folds) + 1) + 3
+    return fams, jobs, threads, devices, batched, n_steps
+
+# %% ../nbs/11_pipeline.ipynb #73a7cef6
+def _reproduce(cfg:ReproduceConfig, progress:bool, log,
+               run_steps=None, # fn(steps, jobs, threads, progress, on_done, devices) running the steps (None: `_run_steps`; condiff.cluster passes a Dask one)
+              ) -> dict:
+    "The steps of `reproduce` under its lock: data, training, evaluation, ensembles, Table 1, Figure 3, the manifest."
+    run_steps = run_steps or _run_steps
+    say = log or (lambda *a, **k: None)
+    t0, stages, skipped = time.perf_counter(), {}, {'train': [], 'evaluate': [], 'ensemble': []}
+    fams, jobs, threads, devices, batched, n_steps = _job_shape(cfg)
     bar = tqdm(total=n_steps, desc='reproduce', unit='step', disable=not progress, position=0)
-    def stage(name, t_start): stages[name] = round(stages.get(name, 0) + time.perf_counter() - t_start, 2)
     say(f"reproduce: {', '.join(cfg.testsets)}; preset {cfg.preset}; folds {','.join(map(str, cfg.folds))}; "
         f"{cfg.device}, {jobs} job(s) x {threads or 'default'} thread(s)"
         + (f", spread over {len(devices)} GPUs ({', '.join(devices)})" if len(devices) > 1 else ''))
     try:
-        # 0. build (or load from cache) every dataset once, before any worker needs it
-        ts0 = time.perf_counter()
-        train_cfgs, tsteps = _plan_training(cfg, fams, progress)
-        stage('data', ts0); bar.update(1)
+        with _timed(stages, 'data'):  # 0. build (or load from cache) every dataset once, before any worker needs it
+            train_cfgs, tsteps = _plan_training(cfg, fams, progress)
+        bar.update(1)
         # 1. train every fold of every family
-        ts0 = time.perf_counter()
         def trained(label, r):
             if r['skipped']: skipped['train'].append(label); say(f"train {label}: finished before, skipped")
             else: say(f"train {label}: done, {r['step']} steps ({r['stop_reason']}), {r['wall_s']:.0f} s")
             bar.update(1)
-        run_steps(tsteps, jobs, threads, progress, trained, devices)
-        stage('train', ts0)
-        # 2. evaluate every fold on every test set
-        ts0 = time.perf_counter()
-        esteps = [('evaluate', dict(testset=t, fold=f, preset=cfg.preset, runs=str(cfg.runs), device=cfg.device,
-                                    sampler=cfg.sampler, num_steps=cfg.num_steps, batch_size=cfg.eval_batch_size,
-                                    seed=cfg.eval_seed, data_root=cfg.data_root, data_seed=cfg.data_seed,
-                                    test_images=cfg.test_images), f"{t}/fold{f}")
-                  for t in cfg.testsets for f in cfg.folds]
+        with _timed(stages, 'train'): run_steps(tsteps, jobs, threads, progress, trained, devices)
+        # 2. evaluate every fold on every test set (batched: one step per test set, its folds restored together)
+        together = batched and len(cfg.folds) > 1
         def evaluated(label, r):
             if r['skipped']: skipped['evaluate'].append(label)
             say(f"evaluate {label}: AP_i {r['AP_i']:.3f} AP_p {r['AP_p']:.3f}" + (" (stored result, skipped)" if r['skipped'] else ''))
             bar.update(1)
-        elabels = [x for _, _, x in esteps]
-        if batched and len(cfg.folds) > 1:  # one step per test set: its folds restored together (FoldStack)
-            per_set = {kw['testset']: kw for _, kw, _ in esteps}  # the shared arguments of each test set's fold steps
-            esteps = [('evaluate_family', {**{k: v for k, v in per_set[t].items() if k != 'fold'}, 'folds': list(cfg.folds),
-                                           'batched': True}, t) for t in cfg.testsets]
-            run_steps(esteps, jobs, threads, progress,
-                      lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])], devices)
-        else: run_steps(esteps, jobs, threads, progress, evaluated, devices)
-        skipped['evaluate'].sort(key=elabels.index)
-        stage('evaluate', ts0)
-        # 3. the ensembles
-        ts0 = time.perf_counter()
-        for t in cfg.testsets: _ensemble_step(cfg, t, progress, say, skipped); bar.update(1)
-        stage('ensemble', ts0)
+        with _timed(stages, 'evaluate'):
+            run_steps(_eval_steps(cfg, together), jobs, threads, progress,
+                      (lambda t, r: [evaluated(f"{t}/fold{f}", rf) for f, rf in zip(cfg.folds, r['folds'])]) if together else evaluated,
+                      devices)
+            skipped['evaluate'].sort(key=[f"{t}/fold{f}" for t in cfg.testsets for f in cfg.folds].index)
+        with _timed(stages, 'ensemble'):  # 3. the ensembles
+            for t in cfg.testsets: _ensemble_step(cfg, t, progress, say, skipped); bar.update(1)
         # 4. Table 1 and Figure 3
         prov = provenance(cfg.device); commit = prov['commit']
-        ts0 = time.perf_counter()
-        tab = make_table1(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, commit, data_root=cfg.data_root,
-                          data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
-        stage('table1', ts0); bar.update(1); say(f"table 1: {', '.join(str(p) for p in tab.values())}")
-        ts0 = time.perf_counter()
-        fig = make_figure3(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, cfg.n_examples,
-                           data_root=cfg.data_root, data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
-        stage('figure3', ts0); bar.update(1); say(f"figure 3: {', '.join(str(p) for p in fig.values())}")
+        with _timed(stages, 'table1'):
+            tab = make_table1(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, commit, data_root=cfg.data_root,
+                              data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
+        bar.update(1); say(f"table 1: {', '.join(str(p) for p in tab.values())}")
+        with _timed(stages, 'figure3'):
+            fig = make_figure3(cfg.testsets, cfg.preset, cfg.folds, cfg.runs, cfg.out, cfg.n_examples,
+                               data_root=cfg.data_root, data_seed=cfg.data_seed, test_images=cfg.test_images, progress=progress)
+        bar.update(1); say(f"figure 3: {', '.join(str(p) for p in fig.values())}")
     finally: bar.close()
     skipped['train'].sort(key=lambda l: [x for _, _, x in tsteps].index(l))
     man = _manifest(cfg, prov, progress, round(time.perf_counter() - t0, 1), stages, skipped, jobs, threads, devices, batched,
