@@ -188,6 +188,57 @@ def _write_all(outs:dict, payload:dict, save):
         raise
 
 # %% ../nbs/12_detect.ipynb #3ad8be7a
+def _detect_targets(path:Path, out_dir, outputs, overwrite:bool, map_threshold) -> tuple: # ({output: path}, map_threshold)
+    "The files `detect` writes, checked before any work: 'map' and 'restoration' named, a mask's threshold given, nothing overwritten unasked."
+    if out_dir is not None: check_out_dir('out', out_dir)
+    outs = detect_outputs(path, out_dir) if outputs is None else {k: Path(v) for k, v in outputs.items()}
+    if not {'map', 'restoration'} <= set(outs) <= {'map', 'restoration', 'uncertainty', 'mask'}:
+        raise ValueError(f"outputs must name 'map' and 'restoration' (and may name 'uncertainty', 'mask'), got {sorted(outs)}")
+    if 'mask' in outs: map_threshold = check_float('map_threshold', map_threshold, lo=0)
+    clash = [str(p) for p in outs.values() if p.exists()]
+    if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
+    return outs, map_threshold
+
+# %% ../nbs/12_detect.ipynb #d62a9e20
+def _mri_slices(path:Path, data:np.ndarray, side:int, zero_below:float) -> tuple: # (slices, VolumeGeometry, input range, warnings)
+    "A volume's slices as the models saw theirs (`volume_to_slices`), its value range, and a warning if it looks unprepared."
+    try: slices, geo = volume_to_slices(data, side, zero_below=zero_below)
+    except ValueError as e: raise ValueError(f"{path}: {e}") from e
+    rng_in = dict(dtype=str(data.dtype), min=float(np.nanmin(data)), max=float(np.nanmax(data)))
+    warn = []
+    if rng_in['min'] < 0:  # the models saw [0, 1] slices with background 0 (skull-stripped, min-max scaled)
+        warn.append(f"{path}: the volume has negative values (min {rng_in['min']:.4g}, "
+                    f"{float((data < 0).mean()):.1%} of voxels); the models were trained on non-negative intensities with "
+                    f"background 0: values below --zero-below {zero_below:g} were treated as background. Is it skull-stripped "
+                    f"and scaled like the training data (not CT, not z-scored)?")
+    return slices, geo, rng_in, warn
+
+def _fundus_slices(path:Path, side:int) -> tuple: # (1×3×side×side slice, input range, the photograph as 8-bit RGB)
+    "A photograph's slice as the models saw theirs (`load_fundus`), its value range, and the photograph itself at 8 bits."
+    slices = load_fundus(path, side)[None]
+    rng_in = image_range(path)
+    with Image.open(path) as im:
+        if rng_in['bits'] > 8:  # the photograph at 8 bits for the restoration output, scaled by its true bit depth
+            g = np.asarray(im, dtype=np.float64) / (2 ** rng_in['bits'] - 1 if rng_in['bits'] < 32 else 1)
+            photo = np.repeat((np.clip(g, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+        else: photo = np.asarray(im.convert('RGB'))
+    return slices, rng_in, photo
+
+# %% ../nbs/12_detect.ipynb #5b69a0b0
+def _restore_scan(models, slices:np.ndarray, path:Path, modality:str, seed, sampler, num_steps, batch_size, device, progress,
+                  batched_folds) -> tuple: # (restored slice indices, maps, restorations, closest fold, fold maps)
+    "Restore the non-empty slices with every fold (slice k's noise seeded by `<stem>/z<k>`); empty slices keep map and restoration 0."
+    keep = np.flatnonzero(slices.reshape(len(slices), -1).max(1) > 0)
+    if len(keep) == 0: raise ValueError(f"{path}: nothing to analyse (every slice is empty)")
+    stem = _stem_suffix(path)[0]
+    maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
+    rest = np.zeros_like(slices)
+    m, r, best, fm = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
+                                      sampler, num_steps, batch_size, device, progress, batched_folds, fold_maps=True)
+    maps[keep], rest[keep] = m, r
+    return keep, maps, rest, best, fm
+
+# %% ../nbs/12_detect.ipynb #a22c0fcc
 def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or fundus image
            run, # trained ensemble: RUNS/<family>/<preset> (with fold*/), one fold folder, a model folder (condiff export), or `load_ensemble`'s list
            out_dir=None, # output folder (None: next to the input)
@@ -212,13 +263,7 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     batch_size = check_int('batch_size', batch_size, 1, none=True) or 16
     zero_below = check_float('zero_below', zero_below, lo=0)  # NaN would zero nothing and make every map 0
     if folds is not None: folds = parse_folds(folds)
-    if out_dir is not None: check_out_dir('out', out_dir)
-    outs = detect_outputs(path, out_dir) if outputs is None else {k: Path(v) for k, v in outputs.items()}
-    if not {'map', 'restoration'} <= set(outs) <= {'map', 'restoration', 'uncertainty', 'mask'}:
-        raise ValueError(f"outputs must name 'map' and 'restoration' (and may name 'uncertainty', 'mask'), got {sorted(outs)}")
-    if 'mask' in outs: map_threshold = check_float('map_threshold', map_threshold, lo=0)
-    clash = [str(p) for p in outs.values() if p.exists()]
-    if clash and not overwrite: raise FileExistsError(f"{clash[0]} exists; pass overwrite=True (--overwrite) to replace it")
+    outs, map_threshold = _detect_targets(path, out_dir, outputs, overwrite, map_threshold)
     nifti = _stem_suffix(path)[1] in NIFTI_SUFFIXES
     if nifti: data, affine = read_nifti(path, 'volume')  # a clear ValueError for corrupt files, before any model runs
     else: load_fundus(path)
@@ -227,38 +272,16 @@ def detect(path, # NIfTI volume (skull-stripped, in the training atlas space) or
     _check_run_modality(models, modality, path)
     size = getattr(models[0][1], 'meta', {}).get('image_size')  # prepare the input at the models' training size
     side = int(size[-1]) if size is not None else 128
-    if nifti:
-        try: slices, geo = volume_to_slices(data, side, zero_below=zero_below)
-        except ValueError as e: raise ValueError(f"{path}: {e}") from e
-        rng_in = dict(dtype=str(data.dtype), min=float(np.nanmin(data)), max=float(np.nanmax(data)))
-        warn = []
-        if rng_in['min'] < 0:  # the models saw [0, 1] slices with background 0 (skull-stripped, min-max scaled)
-            warn.append(f"{path}: the volume has negative values (min {rng_in['min']:.4g}, "
-                        f"{float((data < 0).mean()):.1%} of voxels); the models were trained on non-negative intensities with "
-                        f"background 0: values below --zero-below {zero_below:g} were treated as background. Is it skull-stripped "
-                        f"and scaled like the training data (not CT, not z-scored)?")
-    else:
-        slices = load_fundus(path, side)[None]
-        rng_in, warn = image_range(path), []
-        with Image.open(path) as im:
-            if rng_in['bits'] > 8:  # the photograph at 8 bits for the restoration output, scaled by its true bit depth
-                g = np.asarray(im, dtype=np.float64) / (2 ** rng_in['bits'] - 1 if rng_in['bits'] < 32 else 1)
-                photo = np.repeat((np.clip(g, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
-            else: photo = np.asarray(im.convert('RGB'))
+    if nifti: slices, geo, rng_in, warn = _mri_slices(path, data, side, zero_below)
+    else: (slices, rng_in, photo), warn = _fundus_slices(path, side), []
     for w in warn: warnings.warn(w, RuntimeWarning)
     d = RUN_DEFAULTS.get(models[0][2].preset, RUN_DEFAULTS['paper'])
     sampler = sampler if sampler is not None else d['sampler']
     num_steps = num_steps if num_steps is not None else d['num_steps']
     if size is not None and tuple(size) != tuple(slices.shape[-2:]):
         raise ValueError(f"the run's models were trained on {tuple(size)} images; detect prepares {tuple(slices.shape[-2:])}")
-    keep = np.flatnonzero(slices.reshape(len(slices), -1).max(1) > 0)
-    if len(keep) == 0: raise ValueError(f"{path}: nothing to analyse (every slice is empty)")
-    stem = _stem_suffix(path)[0]
-    maps = np.zeros((len(slices), 1, *slices.shape[-2:]), np.float32)
-    rest = np.zeros_like(slices)
-    m, r, best, fm = ensemble_restore(models, slices[keep], modality, [f"{stem}/z{int(z):03d}" for z in keep], seed,
-                                      sampler, num_steps, batch_size, device, progress, batched_folds, fold_maps=True)
-    maps[keep], rest[keep] = m, r
+    keep, maps, rest, best, fm = _restore_scan(models, slices, path, modality, seed, sampler, num_steps, batch_size, device,
+                                               progress, batched_folds)
     fstd = np.zeros_like(maps); fstd[keep] = fm.std(0)  # fold disagreement: per-pixel std over the folds' maps
     extra = dict(fstd=fstd if 'uncertainty' in outs else None, map_threshold=map_threshold if 'mask' in outs else None)
     payload, save = (_nifti_outputs(path, data, affine, geo, maps, rest, zero_below, **extra) if nifti else
