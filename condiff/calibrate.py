@@ -75,6 +75,28 @@ def false_positive_rates(maps, fg, scores, map_threshold:float, score_threshold:
                 image_fpr=float((np.asarray(scores) > score_threshold).mean()))
 
 # %% ../nbs/12b_calibrate.ipynb #f47273b1
+def _healthy_scan_maps(healthy_dir, models, side:int, zero_below:float, kw:dict, progress:bool) -> tuple: # (the healthy pixels that count, one score per scan)
+    "The maps of a folder of healthy scans, each prepared and seeded as `detect` prepares it; a scan's score is its map's mean."
+    root, files = find_inputs(check_in_dir('healthy_dir', healthy_dir))
+    vals, fgs, scores, mods = [], [], [], set()
+    for f in tqdm(files, desc='healthy scans', unit='scan', disable=not progress):
+        try: sl, mod = _case_slices(f, side, zero_below)
+        except ValueError as e: raise ValueError(f"healthy scan {f}: {e}") from e
+        mods.add(mod)
+        m = healthy_maps(models, sl, mod, [f"{_stem_suffix(f)[0]}/z{z:03d}" for z in range(len(sl))], **kw)
+        vals.append(m); fgs.append(foreground(sl, mod)); scores.append(float(m.mean()))
+    if len(mods) > 1: raise ValueError(f"{healthy_dir} mixes MRI volumes and fundus photographs")
+    return np.concatenate([m[f] for m, f in zip(vals, fgs)]), scores
+
+def _healthy_set_maps(ss:SliceSet, desc:str, size, models, kw:dict, progress:bool) -> tuple: # (maps, foreground)
+    "The maps of a healthy slice set at the model's image size; a set with lesions is refused."
+    if size is not None and tuple(ss.images.shape[-2:]) != (size, size):
+        raise ValueError(f"{desc}: images of {tuple(ss.images.shape[-2:])}, but the model was trained on {size}×{size}")
+    if ss.masks is not None and ss.masks.any(): raise ValueError(f"{desc} has lesion masks: calibrate on healthy data only")
+    maps = healthy_maps(models, ss.images, ss.modality, list(ss.ids), progress=progress, **{k: v for k, v in kw.items() if k != 'progress'})
+    return maps, foreground(ss.images, ss.modality)
+
+# %% ../nbs/12b_calibrate.ipynb #313d3f3a
 def calibrate(model, # a model folder (`condiff export`) or a run folder
               data=None, # healthy slices: a SliceSet, an .npz, or a get_dataset name[:split] (None: the training family's val split)
               healthy_dir=None, # or: a folder of healthy scans (NIfTI or fundus), prepared as detect prepares them
@@ -109,25 +131,11 @@ def calibrate(model, # a model folder (`condiff export`) or a run folder
     kw = dict(seed=seed, sampler=sampler, num_steps=num_steps, batch_size=batch_size, device=device, progress=False, batched=batched_folds)
     t0 = time.perf_counter()
     if healthy_dir is not None:
-        root, files = find_inputs(check_in_dir('healthy_dir', healthy_dir))
-        vals, fgs, scores, mods = [], [], [], set()
-        for f in tqdm(files, desc='healthy scans', unit='scan', disable=not progress):
-            try: sl, mod = _case_slices(f, int(size or 128), zero_below)
-            except ValueError as e: raise ValueError(f"healthy scan {f}: {e}") from e
-            mods.add(mod)
-            m = healthy_maps(models, sl, mod, [f"{_stem_suffix(f)[0]}/z{z:03d}" for z in range(len(sl))], **kw)
-            vals.append(m); fgs.append(foreground(sl, mod)); scores.append(float(m.mean()))
-        if len(mods) > 1: raise ValueError(f"{healthy_dir} mixes MRI volumes and fundus photographs")
-        level, desc, n_img = 'case', f"{len(files)} healthy scans in {healthy_dir}", len(files)
-        pix = np.concatenate([m[f] for m, f in zip(vals, fgs)])
-        maps = fg = None
+        pix, scores = _healthy_scan_maps(healthy_dir, models, int(size or 128), zero_below, kw, progress)
+        level, desc, n_img, maps, fg = 'case', f"{len(scores)} healthy scans in {healthy_dir}", len(scores), None, None
     else:
         ss, desc = _slice_set(data, cfg, size)
-        if size is not None and tuple(ss.images.shape[-2:]) != (size, size):
-            raise ValueError(f"{desc}: images of {tuple(ss.images.shape[-2:])}, but the model was trained on {size}×{size}")
-        if ss.masks is not None and ss.masks.any(): raise ValueError(f"{desc} has lesion masks: calibrate on healthy data only")
-        maps = healthy_maps(models, ss.images, ss.modality, list(ss.ids), progress=progress, **{k: v for k, v in kw.items() if k != 'progress'})
-        fg = foreground(ss.images, ss.modality)
+        maps, fg = _healthy_set_maps(ss, desc, size, models, kw, progress)
         scores = maps.reshape(len(maps), -1).mean(1)
         level, n_img, pix = 'image', len(ss), maps[fg]
     thr_px = conformal_threshold(pix, pixel_fpr, 'pixels')

@@ -31,10 +31,29 @@ _ON_OFF = {'auto': None, 'on': True, 'off': False}
 _EVAL_KEYS = ('testset', 'AP_i', 'AUROC', 'AP_p', 'max_Dice', 'n_images', 'sampler', 'num_steps')
 _CAL_KEYS = ('map_threshold', 'score_threshold', 'pixel_fpr', 'image_fpr', 'score_level', 'data', 'n_images', 'on_calibration_data')
 
+# %% ../nbs/13_cli.ipynb #f8eb9bd6
+_REPRODUCE_DESCRIPTION = ('Train all folds of every needed model family, evaluate them on the chosen test sets, ensemble, then '
+                          'write Table 1, Figure 3 and manifest.json to OUT. Finished steps are skipped, so an interrupted run '
+                          'picks up where it stopped. Default: the four phantom test sets, cpu preset (the CPU default), CPU.\n'
+                          'With --cluster the training and evaluation steps run on a Dask cluster: local[:N], a scheduler '
+                          "address (tcp://host:8786), or slurm|pbs|sge|lsf[:N jobs] (README, 'Run it on a cluster').")
+
 def _reproduce_command(*, cluster=None, retries=2, progress=True, log=print, **fields):
     "`condiff reproduce`: `reproduce` (this machine), or `reproduce_on_cluster` with --cluster."
     if cluster is None: return reproduce(progress=progress, log=log, **fields)
     return reproduce_on_cluster(ReproduceConfig(**fields), cluster, retries=retries, progress=progress, log=log)
+
+# %% ../nbs/13_cli.ipynb #fbd2e018
+_DETECT_DESCRIPTION = (
+    'Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
+    'NIfTI (.nii/.nii.gz): a skull-stripped volume registered to the training atlas space; the benchmark\n'
+    '  preprocessing is applied and inverted, so the outputs have the input\'s grid and affine (float32).\n'
+    'Fundus photograph (.png/.jpg/...): the map is a 16-bit PNG (value = map x 65535), the restoration\n'
+    '  an RGB PNG, both at the photograph\'s size (outside the centred square the model sees: map 0,\n'
+    '  restoration = the photograph).\n'
+    'Batch mode, -i INPUT -o OUTPUT (a scan or a folder, searched recursively): per case also the fold-\n'
+    '  disagreement map (_fold_std), the mask (_anomaly_mask, once the model is calibrated) and a JSON record;\n'
+    '  one OUTPUT/summary.csv; finished cases are skipped, refused ones reported (exit status 3).')
 
 def _detect_command(*, path=None, inputs=None, pattern=None, bids=False, run, out_dir=None, **kw):
     "`condiff detect`: one scan (INPUT, `detect`) or, with -i, every scan of a folder (`detect_scans`, -o required)."
@@ -45,12 +64,14 @@ def _detect_command(*, path=None, inputs=None, pattern=None, bids=False, run, ou
     if out_dir is None: raise BadInput('out_dir', None, 'an output folder (-o OUTPUT) in batch mode')
     return detect_scans(inputs, out_dir, run, pattern=pattern, bids=bids, **kw)
 
+# %% ../nbs/13_cli.ipynb #5cd69aaa
 def _show_detect(r) -> int:
     "One scan: its JSON record (without the per-slice scores); a folder: the counts, and exit status 3 if a case was refused."
     if 'summary' not in r: print(json.dumps({k: v for k, v in r.items() if k != 'slice_scores'}, default=str)); return 0
     print(json.dumps(dict(summary=str(r['summary']), ok=r['ok'], skipped=r['skipped'], errors=r['errors'])))
     return 3 if r['errors'] else 0  # summary.csv says which case and why
 
+# %% ../nbs/13_cli.ipynb #9b614ffa
 COMMANDS = {  # one subcommand per pipeline function: its options are the function's parameters (docments), less `skip`
     'train': dict(func=train_testset, help='train one fold', pos=('testset',), flags={'overrides': '--set'},
                   show=lambda r: print(json.dumps(r, default=str))),
@@ -65,11 +86,7 @@ COMMANDS = {  # one subcommand per pipeline function: its options are the functi
                     show=lambda ps: [print(p) for p in ps.values()]),
     'reproduce': dict(func=_reproduce_command, sources=(ReproduceConfig, reproduce, reproduce_on_cluster), help='all folds -> Table 1 -> Figure 3',
                       skip=('config', 'log', 'client'),
-                      description='Train all folds of every needed model family, evaluate them on the chosen test sets, ensemble, then '
-                                  'write Table 1, Figure 3 and manifest.json to OUT. Finished steps are skipped, so an interrupted run '
-                                  'picks up where it stopped. Default: the four phantom test sets, cpu preset (the CPU default), CPU.\n'
-                                  'With --cluster the training and evaluation steps run on a Dask cluster: local[:N], a scheduler '
-                                  "address (tcp://host:8786), or slurm|pbs|sge|lsf[:N jobs] (README, 'Run it on a cluster').",
+                      description=_REPRODUCE_DESCRIPTION,
                       flags={'seed': '--train-seed', 'eval_seed': '--seed', 'eval_batch_size': '--batch-size', 'n_examples': '--examples',
                              'train_overrides': '--set', 'batched_folds': '--fold-batching'},
                       over=dict(folds=_FOLDS, sampler=_SAMPLER, batched_folds=_BATCHING,
@@ -78,16 +95,7 @@ COMMANDS = {  # one subcommand per pipeline function: its options are the functi
                       convert=dict(batched_folds=_ON_OFF.get), fixed=dict(log=lambda s: tqdm.write(s))),
     'pretrain': dict(func=pretrain, help='train a shipped base model of the CPU default', pos=('kind',), over=dict(kind=dict(choices=['mri', 'rf']))),
     'detect': dict(func=_detect_command, sources=(detect, detect_scans), skip=('outputs', 'map_threshold', 'model'),
-                   help='anomaly map for a new scan (-i: every scan of a folder)', pos=('path',), description=(
-                   'Write <name>_anomaly_map and <name>_restoration next to INPUT (or in --out).\n'
-                   'NIfTI (.nii/.nii.gz): a skull-stripped volume registered to the training atlas space; the benchmark\n'
-                   '  preprocessing is applied and inverted, so the outputs have the input\'s grid and affine (float32).\n'
-                   'Fundus photograph (.png/.jpg/...): the map is a 16-bit PNG (value = map x 65535), the restoration\n'
-                   '  an RGB PNG, both at the photograph\'s size (outside the centred square the model sees: map 0,\n'
-                   '  restoration = the photograph).\n'
-                   'Batch mode, -i INPUT -o OUTPUT (a scan or a folder, searched recursively): per case also the fold-\n'
-                   '  disagreement map (_fold_std), the mask (_anomaly_mask, once the model is calibrated) and a JSON record;\n'
-                   '  one OUTPUT/summary.csv; finished cases are skipped, refused ones reported (exit status 3).'),
+                   help='anomaly map for a new scan (-i: every scan of a folder)', pos=('path',), description=_DETECT_DESCRIPTION,
                    flags={'path': 'input', 'input': 'INPUT', 'inputs': '-i/--inputs', 'run': '--model/--run', 'out_dir': '-o/--out',
                           'pattern': '--glob', 'batched_folds': '--fold-batching'},
                    over=dict(path=dict(nargs='?', default=None), inputs=dict(required=False, default=None), sampler=_SAMPLER, batched_folds=_BATCHING),
@@ -108,6 +116,7 @@ COMMANDS = {  # one subcommand per pipeline function: its options are the functi
                       show=lambda cal: print(json.dumps({k: cal[k] for k in _CAL_KEYS}))),
 }
 
+# %% ../nbs/13_cli.ipynb #1669f22c
 _DESCRIPTION = ("condiff: image-conditioned diffusion models for medical anomaly detection (Baugh et al. 2024).\n\ncommands:\n"
                 + ''.join(f"  {n:10s} {c['help']}\n" for n, c in COMMANDS.items())
                 + f"\ndefault data: the embedded phantom test sets {', '.join(PHANTOM_TESTSETS)};\n"
