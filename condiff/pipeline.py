@@ -6,7 +6,7 @@ Docs: https://condiff.github.io/condiff/pipeline.html.md"""
 
 # %% ../nbs/11_pipeline.ipynb #b263b56d
 from __future__ import annotations
-import dataclasses, json, os, time
+import dataclasses, hashlib, json, os, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from .checks import (BadInput, check_int, check_choice, check_device, check_out_
 from .data import SliceSet, from_model_space, atomic_write
 from .experiment import (TESTSETS, PHANTOM_TESTSETS, TABLE1_COLUMNS, get_testset, get_dataset, parse_folds,
                                 family_dir, fold_dir, eval_dir, ensemble_dir, run_dir_for, provenance)
-from .train import TrainConfig, train, saved_config_diff, build_base
+from .train import TrainConfig, train, saved_config_diff, build_base, resolve_checkpoint, BASE_KINDS, WEIGHTS_DIR
 from .inference import (TensorFile, sliceset_fingerprint, evaluate_fold, evaluate_folds, ensemble, read_eval,
                                batched_folds_default)
 from .report import OursResult, build_table1, write_table1, random_baseline, intensity_control, closest_fold, select_examples, Figure3Panel, plot_figure3, save_figure3
@@ -28,9 +28,9 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DEFAULT_PRESET', 'RUN_DEFAULTS', 'PAIRED', 'ReproduceConfig', 'check_train_overrides', 'fold_family',
-           'check_same_family', 'train_config', 'fold_config', 'run_status', 'training_done', 'train_fold',
-           'train_testset', 'pretrain', 'load_testset', 'subsample', 'evaluate', 'ensemble_folds', 'collect_results',
-           'make_table1', 'figure3_panels', 'make_figure3', 'write_manifest', 'reproduce']
+           'check_same_family', 'train_config', 'fold_config', 'run_status', 'training_done', 'warm_start_changed',
+           'train_fold', 'train_testset', 'pretrain', 'load_testset', 'subsample', 'evaluate', 'ensemble_folds',
+           'collect_results', 'make_table1', 'figure3_panels', 'make_figure3', 'write_manifest', 'reproduce']
 
 # %% ../nbs/11_pipeline.ipynb #ac9e16d3
 DEFAULT_PRESET = 'cpu'  # the one default preset of the Python API, the CLI and ReproduceConfig: the CPU default (`make demo`)
@@ -223,16 +223,39 @@ def training_done(run_dir, max_steps:int) -> bool:
     if st.get('status') != 'finished': return False
     return st.get('stop_reason') == 'early_stop' or int(st.get('step', 0)) >= int(max_steps)
 
+# %% ../nbs/11_pipeline.ipynb #10232e59
+def warm_start_changed(run_dir, # a fold's run folder (may not exist yet)
+                       config, # the TrainConfig about to train or skip there
+                       weights_dir=None, # where the shipped base models live (default: the package's `weights/`)
+                      ) -> str|None: # why the fold no longer matches its warm start, or None
+    "Whether the weights the fold in `run_dir` was warm-started from are still the ones `config.init_weights` names."
+    was = run_status(run_dir).get('init_weights_sha256')
+    if not was or config.init_weights is None: return None
+    if config.init_weights == 'base':
+        d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        now = {k: json.loads(m.read_text()).get('sha256') for k in BASE_KINDS if (m := d / f'base-{k}.json').is_file()}
+        if was in now.values(): return None
+        return (f"it was warm-started from a base model (SHA-256 {was[:12]}) that is no longer a shipped one "
+                f"({', '.join(f'base-{k} {v[:12]}' for k, v in now.items())})")
+    p = Path(config.init_weights)
+    if p.is_dir(): p = resolve_checkpoint(p, 'best') / 'ema.safetensors'
+    if not p.is_file(): return None  # training raises its own clear error for a missing file
+    now = hashlib.sha256(p.read_bytes()).hexdigest()
+    return None if now == was else f"its warm start {config.init_weights} changed since (SHA-256 {was[:12]} then, {now[:12]} now)"
+
+
 # %% ../nbs/11_pipeline.ipynb #951c62eb
 def train_fold(config, # a TrainConfig (from `train_config`)
                runs='runs', # root of the run folders
                progress:bool=True, # tqdm bar
               ) -> tuple: # (run folder, True if it was already finished)
-    "Train one fold unless it is finished; resumes an interrupted run. A folder trained with another config is an error."
+    "Train one fold unless it is finished; resumes an interrupted run. A folder trained with another config or warm start is an error."
     rd = run_dir_for(config, runs)
     diff = saved_config_diff(rd, config)
     if diff: raise ValueError(f"{rd} holds a fold trained with a different config {diff} (saved vs requested); "
                               f"pass another --runs folder or remove it")
+    if why := warm_start_changed(rd, config): raise ValueError(f"{rd} holds a fold that cannot be reused: {why}; "
+                                                               f"pass another --runs folder or remove it")
     if training_done(rd, config.max_steps): return rd, True
     return train(config, runs, resume=True, progress=progress), False
 
