@@ -633,6 +633,38 @@ def _merge_and_measure(out_dir, parts, testset, seeds, fp, key, source, save_res
     if recovered: result['recovered'] = recovered
     return result
 
+# %% ../nbs/09_inference.ipynb #a8e2f70f
+def _check_eval_args(model, testset, part_size, num_steps, batch_size, sampler, eta):
+    "Refuse, before any work, what `evaluate_fold` cannot evaluate: an invalid or empty test set, sizes < 1, an unknown sampler, other channels."
+    testset.validate()
+    if len(testset) == 0: raise ValueError(f"test set {testset.name!r} is empty")
+    if part_size < 1: raise ValueError(f"part_size must be >= 1, got {part_size}")
+    if num_steps < 1: raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    make_sampler(sampler, eta)
+    if model_channels(model) != testset.images.shape[1]:
+        raise ValueError(f"the model was built for {model_channels(model)}-channel images, but test set "
+                         f"{testset.name!r} ({testset.modality}) has {testset.images.shape[1]}")
+
+# %% ../nbs/09_inference.ipynb #35e9ec69
+def _restore_parts(model, testset, seeds, todo, pdir, key, sampler, num_steps, eta, batch_size, device, dtype, save_restorations, progress):
+    "Restore and map this rank's unfinished parts `todo` [(a, b)], each written to its own resumable part file."
+    with tqdm(total=sum(b - a for a, b in todo), desc=f'restore ({_sampler_name(sampler)}, {num_steps} steps)',
+              unit='img', disable=not progress) as bar:
+        for a, b in todo:
+            _restore_part(model, testset, seeds, a, b, pdir/f'{a:08d}-{b:08d}.safetensors', key, sampler,
+                          num_steps, eta, batch_size, device, dtype, save_restorations, bar)
+
+def _finish_eval(out_dir, parts, testset, seeds, fp, key, source, save_restorations, progress, num_steps, seed, prec, world, device,
+                 t_start, recovered):
+    "Rank 0: merge the parts into maps.safetensors, write metrics.json, remove the parts (quarantined files stay)."
+    _write_json(out_dir/'metrics.json', _merge_and_measure(out_dir, parts, testset, seeds, fp, key, source, save_restorations,
+                                                           progress, num_steps, seed, prec, world, device, t_start, recovered))
+    pdir = out_dir/'parts'
+    for p in pdir.glob('*'):
+        if '.corrupt-' not in p.name: p.unlink()
+    if not any(pdir.iterdir()): pdir.rmdir()
+
 # %% ../nbs/09_inference.ipynb #d6e2abff
 def evaluate_fold(run, # a training run folder (condiff.train), or a conditional UNet in hand (e.g. from `load_model`)
                   testset:SliceSet, # the test slices; masks (if any) give the metrics
@@ -658,15 +690,7 @@ def evaluate_fold(run, # a training run folder (condiff.train), or a conditional
         _check_run_compat(model, testset, Path(run))
         source = {'run_dir': str(Path(run)), 'which': which}
     else: model = run
-    testset.validate()
-    if len(testset) == 0: raise ValueError(f"test set {testset.name!r} is empty")
-    if part_size < 1: raise ValueError(f"part_size must be >= 1, got {part_size}")
-    if num_steps < 1: raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    make_sampler(sampler, eta)
-    if model_channels(model) != testset.images.shape[1]:
-        raise ValueError(f"the model was built for {model_channels(model)}-channel images, but test set "
-                         f"{testset.name!r} ({testset.modality}) has {testset.images.shape[1]}")
+    _check_eval_args(model, testset, part_size, num_steps, batch_size, sampler, eta)
     out_dir, source = Path(out_dir), dict(source or {})
     device = _device(device)
     _, prec = _precision(device, dtype)
@@ -683,28 +707,21 @@ def evaluate_fold(run, # a training run folder (condiff.train), or a conditional
         pdir = out_dir/'parts'
         todo = [(a, b) for a, b in parts[rank::world] if not _part_ok(pdir/f'{a:08d}-{b:08d}.safetensors', key, a, b, recovered)]
         err = None
-        try:
-            with tqdm(total=sum(b - a for a, b in todo), desc=f'restore ({_sampler_name(sampler)}, {num_steps} steps)',
-                      unit='img', disable=not progress or rank != 0) as bar:
-                for a, b in todo:
-                    _restore_part(model, testset, seeds, a, b, pdir/f'{a:08d}-{b:08d}.safetensors', key, sampler,
-                                  num_steps, eta, batch_size, device, dtype, save_restorations, bar)
+        try: _restore_parts(model, testset, seeds, todo, pdir, key, sampler, num_steps, eta, batch_size, device, dtype,
+                            save_restorations, progress and rank == 0)
         except Exception as e: err = e
         _sync(world, err)
         err = None
         if rank == 0:
-            try:
-                _write_json(out_dir/'metrics.json', _merge_and_measure(out_dir, parts, testset, seeds, fp, key, source, save_restorations,
-                                                                       progress, num_steps, seed, prec, world, device, t_start, recovered))
-                for p in pdir.glob('*'):
-                    if '.corrupt-' not in p.name: p.unlink()
-                if not any(pdir.iterdir()): pdir.rmdir()
+            try: _finish_eval(out_dir, parts, testset, seeds, fp, key, source, save_restorations, progress, num_steps, seed, prec,
+                              world, device, t_start, recovered)
             except Exception as e: err = e
         _sync(world, err)
         return json.loads((out_dir/'metrics.json').read_text())
     finally:
         if owned: dist.destroy_process_group()
 
+# %% ../nbs/09_inference.ipynb #10b2f2f8
 evaluate_model = evaluate_fold  # the same function, under the name older callers use for a model in hand
 
 # %% ../nbs/09_inference.ipynb #4f9e51ad
@@ -818,9 +835,48 @@ def _fold_sources(fold_eval_dirs, modality):
             raise ValueError(f"fold {d}: the test images or masks differ from fold {dirs[0]} (content fingerprints differ)")
     return dirs, files, fold_metrics
 
-# %% ../nbs/09_inference.ipynb #dc5489e1
+# %% ../nbs/09_inference.ipynb #ace1d3e6
 STD_DDOF = 0  # Ours_std: population standard deviation over the folds (numpy's default; the paper does not say)
 
+# %% ../nbs/09_inference.ipynb #0a251523
+def _ensemble_chunk(w, files, a, b, modality, sm, rq, testset):
+    "Rows [a, b) of the ensemble: the folds' mean map (MRI background re-zeroed), scores, fold deviations, written to `w`; metrics updated."
+    ref, F = files[0], len(files)
+    H, W = ref.shape('maps')[-2:]
+    blocks = [f.rows('maps', a, b) for f in files]  # float16, one block per fold
+    total = np.zeros(blocks[0].shape, np.float32)
+    for m in blocks: total += m
+    mean = total / F
+    if modality == 'MRI': mean *= unpack_bits(ref.rows('foreground', a, b), (H, W))
+    dev = np.stack([np.abs(m.astype(np.float32) - mean).mean(axis=(1, 2, 3)) for m in blocks], axis=1)
+    scores = mean.mean(axis=(1, 2, 3), dtype=np.float64).astype(np.float32)
+    maps16, labels = mean.astype(np.float16), ref.rows('labels', a, b)
+    w.write('maps', maps16); w.write('scores', scores); w.write('labels', labels)
+    w.write('fold_deviation', dev); w.write('closest_fold', dev.argmin(axis=1))
+    for k in ('masks', 'foreground'):
+        if k in ref: w.write(k, ref.rows(k, a, b))
+    if sm is not None: sm.update(unpack_bits(ref.rows('masks', a, b), (H, W)), maps16, scores=scores, labels=labels)
+    if rq is not None:  # the ensemble's restoration: the mean of the folds' restorations
+        _restoration_update(rq, testset, a, b, sum(f.rows('restorations', a, b).astype(np.float32) for f in files) / F)
+
+def _ensemble_result(metrics, summary, dirs, fold_metrics, N, modality, ref, rq, testset, t0, key) -> dict:
+    "The ensemble's metrics.json: its metrics, the folds' summary (avg, std, max), per-fold metrics and provenance."
+    F = len(dirs)
+    return {**metrics, **summary, 'std_ddof': STD_DDOF,
+              'per_fold': [{'dir': str(d), **{k: m.get(k) for k in METRIC_KEYS}} for d, m in zip(dirs, fold_metrics)],
+              'n_folds': F, 'n_images': N, 'lesion_pixel_fraction': fold_metrics[0].get('lesion_pixel_fraction'),
+              'modality': modality, 'testset': ref.meta.get('testset'),
+              **({'restoration': _restoration_result(rq, testset)} if rq is not None else {}),
+              'restoration_per_fold': [m.get('restoration') for m in fold_metrics],
+              'samplers': sorted({f"{m.get('sampler')}/{m.get('num_steps')}" for m in fold_metrics}),
+              'timing': {'ensemble_wall_s': time.perf_counter() - t0,
+                         'folds_restore_s': float(sum(m.get('timing', {}).get('restore_s', 0.0) for m in fold_metrics))},
+              'folds': [d.parts[-3] if len(d.parts) >= 3 else str(d) for d in dirs],  # provenance: which folds, seeds
+              'seeds': sorted({m.get('seed') for m in fold_metrics}, key=str),
+              'testset_fingerprint': ref.meta.get('testset_fingerprint'),
+              'key': key}
+
+# %% ../nbs/09_inference.ipynb #dc5489e1
 def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
              out_dir, # where the ensemble's maps.safetensors and metrics.json go
              modality:str, # 'MRI' or 'RF' (MRI re-zeroes the background)
@@ -853,37 +909,10 @@ def ensemble(fold_eval_dirs, # the folds' evaluate_fold output folders
         raise ValueError(f"ensemble: test set {testset.name!r} is not the one the folds were evaluated on (fingerprints differ)")
     with TensorFileWriter(out_dir/'maps.safetensors', spec, meta) as w:
         for a in tqdm(range(0, N, chunk_size), desc=f'ensemble of {F}', disable=not progress):
-            b = min(a + chunk_size, N)
-            blocks = [f.rows('maps', a, b) for f in files]  # float16, one block per fold
-            total = np.zeros(blocks[0].shape, np.float32)
-            for m in blocks: total += m
-            mean = total / F
-            if modality == 'MRI': mean *= unpack_bits(ref.rows('foreground', a, b), (H, W))
-            dev = np.stack([np.abs(m.astype(np.float32) - mean).mean(axis=(1, 2, 3)) for m in blocks], axis=1)
-            scores = mean.mean(axis=(1, 2, 3), dtype=np.float64).astype(np.float32)
-            maps16, labels = mean.astype(np.float16), ref.rows('labels', a, b)
-            w.write('maps', maps16); w.write('scores', scores); w.write('labels', labels)
-            w.write('fold_deviation', dev); w.write('closest_fold', dev.argmin(axis=1))
-            for k in ('masks', 'foreground'):
-                if k in spec: w.write(k, ref.rows(k, a, b))
-            if sm is not None: sm.update(unpack_bits(ref.rows('masks', a, b), (H, W)), maps16, scores=scores, labels=labels)
-            if rq is not None:  # the ensemble's restoration: the mean of the folds' restorations
-                _restoration_update(rq, testset, a, b, sum(f.rows('restorations', a, b).astype(np.float32) for f in files) / F)
+            _ensemble_chunk(w, files, a, min(a + chunk_size, N), modality, sm, rq, testset)
     metrics = _metrics_or_note(sm, ref['labels'] if has_masks else None)
     summary = fold_summary(fold_metrics, ddof=STD_DDOF) if metrics['AP_i'] is not None else {}
-    result = {**metrics, **summary, 'std_ddof': STD_DDOF,
-              'per_fold': [{'dir': str(d), **{k: m.get(k) for k in METRIC_KEYS}} for d, m in zip(dirs, fold_metrics)],
-              'n_folds': F, 'n_images': N, 'lesion_pixel_fraction': fold_metrics[0].get('lesion_pixel_fraction'),
-              'modality': modality, 'testset': ref.meta.get('testset'),
-              **({'restoration': _restoration_result(rq, testset)} if rq is not None else {}),
-              'restoration_per_fold': [m.get('restoration') for m in fold_metrics],
-              'samplers': sorted({f"{m.get('sampler')}/{m.get('num_steps')}" for m in fold_metrics}),
-              'timing': {'ensemble_wall_s': time.perf_counter() - t0,
-                         'folds_restore_s': float(sum(m.get('timing', {}).get('restore_s', 0.0) for m in fold_metrics))},
-              'folds': [d.parts[-3] if len(d.parts) >= 3 else str(d) for d in dirs],  # provenance: which folds, seeds
-              'seeds': sorted({m.get('seed') for m in fold_metrics}, key=str),
-              'testset_fingerprint': ref.meta.get('testset_fingerprint'),
-              'key': key}
+    result = _ensemble_result(metrics, summary, dirs, fold_metrics, N, modality, ref, rq, testset, t0, key)
     if recovered: result['recovered'] = recovered
     _write_json(out_dir/'metrics.json', result)
     return result

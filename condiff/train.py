@@ -33,12 +33,10 @@ __all__ = ['TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'WEIGHTS_
            'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'CorruptCheckpoint',
            'verify_checkpoint', 'resume_checkpoint', 'fold_family', 'get_rng_state', 'set_rng_state', 'resolve_device',
            'dist_env', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'init_from_weights',
-           'saved_config_diff', 'Trainer', 'weights_digest', 'train', 'read_log', 'plot_losses', 'load_model',
+           'saved_config_diff', 'Trainer', 'read_log', 'plot_losses', 'weights_digest', 'train', 'load_model',
            'train_command', 'base_kind', 'base_weights', 'build_base']
 
 # %% ../nbs/08_train.ipynb #4545f4e4
-_CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
-                task_clip=CLIP_MODES)
 @dataclass
 class TrainConfig:
     "Everything that defines one training run (defaults = the `paper` preset); saved as `config.json` in the run folder."
@@ -95,24 +93,26 @@ class TrainConfig:
     compile: bool = False  # torch.compile the UNet for the training steps (`MaybeCompiled`: eager, with a warning, if it fails)
     num_workers: int = 8  # DataLoader worker processes per rank
     log_every: int = 50  # log the training loss every this many steps
-    def __post_init__(self):
-        if isinstance(self.adam_betas, list): self.adam_betas = tuple(self.adam_betas)
-        if isinstance(self.train_tasks, list): self.train_tasks = tuple(self.train_tasks)
-        self.validate()
+    def __post_init__(self): self._coerce().validate()
 
-# %% ../nbs/08_train.ipynb #d49ec216
+# %% ../nbs/08_train.ipynb #150aec5d
 @patch
-def validate(self:TrainConfig):
-    "Raise a ValueError naming every field whose value is wrong."
-    errs, bad = [], set()
-    def need(ok, k, msg):
-        if k in bad: return  # already reported as the wrong type
-        try: ok = ok()
-        except TypeError: ok = False
-        if not ok: errs.append(msg); bad.add(k)
-    isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-    isnum = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
-    g = lambda k: getattr(self, k)
+def _coerce(self:TrainConfig) -> TrainConfig:
+    "JSON gives lists where the config holds tuples (`adam_betas`, `train_tasks`): turn them back into tuples."
+    if isinstance(self.adam_betas, list): self.adam_betas = tuple(self.adam_betas)
+    if isinstance(self.train_tasks, list): self.train_tasks = tuple(self.train_tasks)
+    return self
+
+# %% ../nbs/08_train.ipynb #df41c8f6
+_CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
+                task_clip=CLIP_MODES)
+def _isint(v): return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+def _isnum(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+@patch
+def _check_types(self:TrainConfig, need):
+    "The type rules of `validate`: ints, numbers, flags, strings, paths and the fields with a fixed set of choices."
+    isint, isnum, g = _isint, _isnum, lambda k: getattr(self, k)
     for k in ('fold', 'seed', 'data_seed', 'batch_size', 'max_steps', 'val_every', 'val_start', 'val_batch_size', 'patience',
               'checkpoint_every', 'num_workers', 'log_every'):
         need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
@@ -126,6 +126,20 @@ def validate(self:TrainConfig):
         need(lambda: g(k) is None or isinstance(g(k), str), k, f"{k} must be a path string or None, got {g(k)!r}")
     for k, ok in _CHOICES.items():
         need(lambda: g(k) in ok, k, f"{k} must be one of {ok}, got {g(k)!r}")
+
+# %% ../nbs/08_train.ipynb #d49ec216
+@patch
+def validate(self:TrainConfig):
+    "Raise a ValueError naming every field whose value is wrong."
+    errs, bad = [], set()
+    def need(ok, k, msg):
+        if k in bad: return  # already reported as the wrong type
+        try: ok = ok()
+        except TypeError: ok = False
+        if not ok: errs.append(msg); bad.add(k)
+    isint, isnum = _isint, _isnum
+    g = lambda k: getattr(self, k)
+    self._check_types(need)
     need(lambda: 0 <= self.fold < len(FOLDS), 'fold', f"fold must be in 0..{len(FOLDS) - 1}, got {self.fold!r}")
     for k in ('seed', 'data_seed'): need(lambda: g(k) >= 0, k, f"{k} must be >= 0, got {g(k)!r}")
     for k in ('batch_size', 'max_steps', 'val_every', 'val_batch_size', 'patience', 'checkpoint_every', 'log_every'):
@@ -675,78 +689,27 @@ class Trainer:
         except BaseException:
             self._close(); raise
 
-# %% ../nbs/08_train.ipynb #c44d8e2e
-@patch
-def _setup(self:Trainer, out_dir, resume):
-    cfg, cuda = self.config, self.device.type == 'cuda'
-    for k in ('batch_size', 'val_batch_size'):
-        if getattr(cfg, k) % self.world:
-            raise ValueError(f"{k}={getattr(cfg, k)} (a global size) is not divisible by the world size {self.world}")
-    if cuda:
-        torch.cuda.set_device(self.device)
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32' if cfg.allow_tf32 else 'ieee'
-        set_deterministic(cfg.deterministic)
-    self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.mixed_precision) if cuda else None
-    self.channels_last = cuda and cfg.channels_last
-    self.run_dir = run_dir_for(cfg, out_dir).absolute()
-    _seed_everything(cfg.seed)  # as the official accelerate.set_seed
-    # data (rank 0 first, so a dataset cache is built once)
-    if self.rank != 0: self._barrier()
-    self.train_set, self.val_set = self._load_data()
-    if self.rank == 0: self._barrier()
-    imgs = self.train_set.images
-    self.img_channels, self.image_size, self.modality = int(imgs.shape[1]), tuple(int(s) for s in imgs.shape[2:]), self.train_set.modality
-    if tuple(self.val_set.images.shape[1:]) != tuple(imgs.shape[1:]) or self.val_set.modality != self.modality:
-        raise ValueError(f"train and val slices differ: {tuple(imgs.shape[1:])} {self.modality} vs "
-                         f"{tuple(self.val_set.images.shape[1:])} {self.val_set.modality}")
-    self.sched = NoiseSchedule()
-    train_ids, val_ids = fold_tasks(cfg.fold)
-    if cfg.train_tasks is not None: train_ids = tuple(cfg.train_tasks)
-    has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
-    self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
-                                self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
-    vimgs = self.val_set.images
-    self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
-                              self.modality, cfg.seed, cfg.noise_offset, self.sched, 1, 'per-sample')
-    n_val = len(vimgs)
-    self.val_idx = (np.unique(np.linspace(0, n_val - 1, cfg.val_max_samples).round().astype(int)).tolist()
-                    if cfg.val_max_samples and cfg.val_max_samples < n_val else list(range(n_val)))
-    self._val_cache = None
-    # model, EMA, optimizer (same initial weights on every rank)
-    torch.manual_seed(cfg.seed)
-    self.model = build_unet(cfg.unet, self.img_channels, **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
-    init = base_weights(base_kind(self.modality)) if cfg.init_weights == 'base' else cfg.init_weights
-    self.init_digest = init_from_weights(self.model, init) if init else None
-    self.model = self.model.to(self.device)
-    if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
-    self.ema = EMA(self.model, cfg.ema_max_decay, warmup=(init is None) if cfg.ema_warmup is None else cfg.ema_warmup)
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                 eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
-    self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
-    self._checked = False  # the first training batch is validated in full, later ones are trusted
-    self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
-    self.stopper = MovingAverageEarlyStopper(cfg.ma_alpha, cfg.patience)
-    self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
-    self._signal = False
-    # the run folder: resume or start
-    if self.rank == 0: self._lock = FolderLock(self.run_dir, 'fold run folder').acquire()  # one writer per run folder
-    ck_latest = self.run_dir / 'checkpoints' / 'latest'
-    self.recovered = []
-    if ck_latest.exists() or ck_latest.is_symlink():
-        if not resume: raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True to continue it, or use another out_dir")
-        self._check_same_run()
-        ck, self.recovered = resume_checkpoint(self.run_dir, quarantine_bad=self.rank == 0)
-        if ck is not None: self.load_state(ck)
-    self.net = self.model
-    if self.world > 1:
-        self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-    if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
-    if self.rank == 0:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(self.run_dir / 'config.json')
-        self._truncate_log()
-        self._write_run_json('running')
-    self._barrier()
+# %% ../nbs/08_train.ipynb #7b7c2910
+def read_log(run_dir) -> list:
+    "The records of `run_dir/log.jsonl`."
+    p = Path(run_dir) / 'log.jsonl'
+    if not p.exists(): raise FileNotFoundError(f"no training log at {p}")
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+
+# %% ../nbs/08_train.ipynb #7854bb27
+def plot_losses(run_dir, figsize=(6, 3.2)):
+    "A matplotlib Figure (no pyplot state) of the training and validation losses of a run."
+    recs = read_log(run_dir)
+    tr = [(r['step'], r['loss']) for r in recs if 'loss' in r]
+    va = [(r['step'], r['val_loss'], r['val_loss_ma']) for r in recs if 'val_loss' in r]
+    if not tr: raise ValueError(f"{run_dir}: nothing logged yet")
+    fig = Figure(figsize=figsize, layout='constrained'); ax = fig.add_subplot()
+    ax.plot(*zip(*tr), lw=1, label='train loss')
+    if va:
+        s, v, m = zip(*va)
+        ax.plot(s, v, 'o', ms=3, label='val loss (EMA, held-out tasks)'); ax.plot(s, m, lw=1.5, label='val loss MA')
+    ax.set_yscale('log'); ax.set_xlabel('step'); ax.set_ylabel('Min-SNR ε-MSE'); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    return fig
 
 # %% ../nbs/08_train.ipynb #abffaba6
 @patch
@@ -779,6 +742,138 @@ def _close(self:Trainer):
     if self._own_pg and dist.is_initialized(): dist.destroy_process_group()
     self._own_pg = False
     if getattr(self, '_lock', None) is not None: self._lock.release(); self._lock = None
+
+# %% ../nbs/08_train.ipynb #23ce3845
+@patch
+def _log(self:Trainer, rec:dict):
+    if self.rank != 0: return
+    with open(self.run_dir / 'log.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+
+# %% ../nbs/08_train.ipynb #de4de829
+@patch
+def _truncate_log(self:Trainer):
+    "Drop log lines written after the checkpoint we resume from (they will be written again)."
+    p = self.run_dir / 'log.jsonl'
+    if not p.exists(): return
+    keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= self.step]
+    _atomic_bytes(p, ''.join(l + '\n' for l in keep).encode())
+
+# %% ../nbs/08_train.ipynb #bb92a43e
+@patch
+def _plot(self:Trainer):
+    try:
+        fig = plot_losses(self.run_dir)
+        tmp = self.run_dir / f".loss.{uuid.uuid4().hex[:8]}.png"
+        fig.savefig(tmp, dpi=100); os.replace(tmp, self.run_dir / 'loss.png')
+    except (ValueError, FileNotFoundError): pass  # nothing logged yet
+
+# %% ../nbs/08_train.ipynb #fea52277
+@patch
+def _write_run_json(self:Trainer, status:str, reason:str|None=None):
+    prov = provenance(self.device)
+    dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
+    info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
+                best_step=self.stopper.best_step, best_val_loss_ma=self.stopper.best if math.isfinite(self.stopper.best) else None,
+                weights_sha256=getattr(self, '_digests', None), init_weights=self.config.init_weights,
+                init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
+                git_commit=prov['commit'], versions=prov['versions'], platform=prov['machine']['platform'], updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    if reason is not None: info['reason'] = reason
+    if getattr(self, 'recovered', None): info['recovered'] = self.recovered
+    _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
+
+# %% ../nbs/08_train.ipynb #9e261298
+@patch
+def _setup(self:Trainer, out_dir, resume):
+    "Build the run in order: runtime settings, data, model and optimizer, then the run folder (resume or start)."
+    self._setup_runtime()
+    self.run_dir = run_dir_for(self.config, out_dir).absolute()
+    _seed_everything(self.config.seed)  # as the official accelerate.set_seed
+    self._setup_data()
+    self._setup_model()
+    self._setup_run_folder(resume)
+
+# %% ../nbs/08_train.ipynb #3fddeb9d
+@patch
+def _setup_runtime(self:Trainer):
+    cfg, cuda = self.config, self.device.type == 'cuda'
+    for k in ('batch_size', 'val_batch_size'):
+        if getattr(cfg, k) % self.world:
+            raise ValueError(f"{k}={getattr(cfg, k)} (a global size) is not divisible by the world size {self.world}")
+    if cuda:
+        torch.cuda.set_device(self.device)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32' if cfg.allow_tf32 else 'ieee'
+        set_deterministic(cfg.deterministic)
+    self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.mixed_precision) if cuda else None
+    self.channels_last = cuda and cfg.channels_last
+
+# %% ../nbs/08_train.ipynb #4802e51d
+@patch
+def _setup_data(self:Trainer):
+    cfg = self.config
+    if self.rank != 0: self._barrier()
+    self.train_set, self.val_set = self._load_data()
+    if self.rank == 0: self._barrier()
+    imgs = self.train_set.images
+    self.img_channels, self.image_size, self.modality = int(imgs.shape[1]), tuple(int(s) for s in imgs.shape[2:]), self.train_set.modality
+    if tuple(self.val_set.images.shape[1:]) != tuple(imgs.shape[1:]) or self.val_set.modality != self.modality:
+        raise ValueError(f"train and val slices differ: {tuple(imgs.shape[1:])} {self.modality} vs "
+                         f"{tuple(self.val_set.images.shape[1:])} {self.val_set.modality}")
+    self.sched = NoiseSchedule()
+    train_ids, val_ids = fold_tasks(cfg.fold)
+    if cfg.train_tasks is not None: train_ids = tuple(cfg.train_tasks)
+    has_bg = self.modality == 'MRI'  # other_source=None: task 1 blends from `texture_source` (the tasks default)
+    self.train_ds = TaskDataset(imgs, RestorationTask(train_ids, imgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
+                                self.modality, cfg.seed, cfg.noise_offset, self.sched, 0, cfg.worker_seeding)
+    vimgs = self.val_set.images
+    self.val_ds = TaskDataset(vimgs, RestorationTask(val_ids, vimgs, None, p_no_aug=cfg.p_no_aug, has_bg=has_bg, clip=cfg.task_clip),
+                              self.modality, cfg.seed, cfg.noise_offset, self.sched, 1, 'per-sample')
+    n_val = len(vimgs)
+    self.val_idx = (np.unique(np.linspace(0, n_val - 1, cfg.val_max_samples).round().astype(int)).tolist()
+                    if cfg.val_max_samples and cfg.val_max_samples < n_val else list(range(n_val)))
+    self._val_cache = None
+
+# %% ../nbs/08_train.ipynb #aa9fd3c8
+@patch
+def _setup_model(self:Trainer):
+    cfg, cuda = self.config, self.device.type == 'cuda'
+    torch.manual_seed(cfg.seed)
+    self.model = build_unet(cfg.unet, self.img_channels, **({} if cfg.prediction_type is None else dict(prediction_type=cfg.prediction_type)))
+    init = base_weights(base_kind(self.modality)) if cfg.init_weights == 'base' else cfg.init_weights
+    self.init_digest = init_from_weights(self.model, init) if init else None
+    self.model = self.model.to(self.device)
+    if self.channels_last: self.model = self.model.to(memory_format=torch.channels_last)
+    self.ema = EMA(self.model, cfg.ema_max_decay, warmup=(init is None) if cfg.ema_warmup is None else cfg.ema_warmup)
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                 eps=cfg.adam_eps, **(dict(fused=True) if cuda else {}))
+    self._opt_flags = {k: self.opt.defaults.get(k) for k in OPTIMIZER_RUNTIME_FLAGS}  # this device's kernel choice
+    self._checked = False  # the first training batch is validated in full, later ones are trusted
+    self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+    self.stopper = MovingAverageEarlyStopper(cfg.ma_alpha, cfg.patience)
+    self.step, self.data_pos, self.wall_s, self.stop_reason = 0, 0, 0.0, None
+    self._signal = False
+
+# %% ../nbs/08_train.ipynb #f7af9978
+@patch
+def _setup_run_folder(self:Trainer, resume):
+    cfg, cuda = self.config, self.device.type == 'cuda'
+    if self.rank == 0: self._lock = FolderLock(self.run_dir, 'fold run folder').acquire()  # one writer per run folder
+    ck_latest = self.run_dir / 'checkpoints' / 'latest'
+    self.recovered = []
+    if ck_latest.exists() or ck_latest.is_symlink():
+        if not resume: raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True to continue it, or use another out_dir")
+        self._check_same_run()
+        ck, self.recovered = resume_checkpoint(self.run_dir, quarantine_bad=self.rank == 0)
+        if ck is not None: self.load_state(ck)
+    self.net = self.model
+    if self.world > 1:
+        self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+    if cfg.compile: self.net = MaybeCompiled(self.net, 'compile')
+    if self.rank == 0:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(self.run_dir / 'config.json')
+        self._truncate_log()
+        self._write_run_json('running')
+    self._barrier()
 
 # %% ../nbs/08_train.ipynb #5070c4ad
 @patch
@@ -884,6 +979,16 @@ def save(self:Trainer, best:bool=False):
         self._plot()
     self._barrier()
 
+# %% ../nbs/08_train.ipynb #22bf5309
+def _check_compatible(meta:dict, model, ck):
+    "Raise a ValueError if checkpoint `ck` (its `meta`) was not saved from a UNet built like `model`."
+    have, want = meta.get('model_config'), _jsonable(model.config)
+    if have is not None: have = _jsonable(normalize_unet_config(have))  # fields added later take their old meaning
+    if have != want:
+        diff = sorted(k for k in set(have or {}) | set(want) if (have or {}).get(k) != want.get(k))
+        raise ValueError(f"incompatible checkpoint {ck}: it holds a UNet with {{{', '.join(f'{k}={(have or {}).get(k)!r}' for k in diff)}}} "
+                         f"but this run builds {{{', '.join(f'{k}={want.get(k)!r}' for k in diff)}}}")
+
 # %% ../nbs/08_train.ipynb #9c62e2e9
 @patch
 def load_state(self:Trainer, ck:Path):
@@ -901,44 +1006,6 @@ def load_state(self:Trainer, ck:Path):
     self.step, self.data_pos, self.wall_s, self.stop_reason = st['step'], st['data_pos'], st['wall_s'], st['stop_reason']
     self.stopper.load_state_dict(st['stopper'])
     set_rng_state(st['rng'])
-
-# %% ../nbs/08_train.ipynb #23ce3845
-@patch
-def _log(self:Trainer, rec:dict):
-    if self.rank != 0: return
-    with open(self.run_dir / 'log.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
-
-# %% ../nbs/08_train.ipynb #de4de829
-@patch
-def _truncate_log(self:Trainer):
-    "Drop log lines written after the checkpoint we resume from (they will be written again)."
-    p = self.run_dir / 'log.jsonl'
-    if not p.exists(): return
-    keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= self.step]
-    _atomic_bytes(p, ''.join(l + '\n' for l in keep).encode())
-
-# %% ../nbs/08_train.ipynb #bb92a43e
-@patch
-def _plot(self:Trainer):
-    try:
-        fig = plot_losses(self.run_dir)
-        tmp = self.run_dir / f".loss.{uuid.uuid4().hex[:8]}.png"
-        fig.savefig(tmp, dpi=100); os.replace(tmp, self.run_dir / 'loss.png')
-    except (ValueError, FileNotFoundError): pass  # nothing logged yet
-
-# %% ../nbs/08_train.ipynb #fea52277
-@patch
-def _write_run_json(self:Trainer, status:str, reason:str|None=None):
-    prov = provenance(self.device)
-    dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == 'cuda' else '')
-    info = dict(status=status, stop_reason=self.stop_reason, step=self.step, wall_s=round(self.wall_s, 2),
-                best_step=self.stopper.best_step, best_val_loss_ma=self.stopper.best if math.isfinite(self.stopper.best) else None,
-                weights_sha256=getattr(self, '_digests', None), init_weights=self.config.init_weights,
-                init_weights_sha256=getattr(self, 'init_digest', None), seed=self.config.seed, device=dev, world_size=self.world, mixed_precision=str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'fp32',
-                git_commit=prov['commit'], versions=prov['versions'], platform=prov['machine']['platform'], updated=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
-    if reason is not None: info['reason'] = reason
-    if getattr(self, 'recovered', None): info['recovered'] = self.recovered
-    _atomic_bytes(self.run_dir / 'run.json', json.dumps(info, indent=1).encode())
 
 # %% ../nbs/08_train.ipynb #462d7ea8
 @patch
@@ -969,19 +1036,50 @@ def _interrupted(self:Trainer, sync:bool) -> bool:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
-# %% ../nbs/08_train.ipynb #281af134
+# %% ../nbs/08_train.ipynb #059a13f9
+def weights_digest(state_dict:dict) -> str:
+    "SHA-256 over the names and raw bytes of a state dict's tensors (in name order)."
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+# %% ../nbs/08_train.ipynb #eaeed5a3
 @patch
-def fit(self:Trainer) -> Path:
-    "Train until `max_steps` or early stopping; returns the run folder."
-    self._install_signals()
-    try: return self._fit()
-    except Exception as e:  # a crash: run.json says so, with the reason (an interruption says 'interrupted')
-        if self.rank == 0:
-            try: self._write_run_json('failed', reason=f"{type(e).__name__}: {e}")
-            except OSError: pass
-        raise
-    finally:
-        self._restore_signals(); self._close()
+def _check_ranks_agree(self:Trainer):
+    "Record the SHA-256 of the final weights (per rank under DDP) and fail loudly if the ranks diverged."
+    self._digests = [weights_digest(self.model.state_dict())]
+    if self.world > 1:
+        allg = [None] * self.world
+        dist.all_gather_object(allg, self._digests[0]); self._digests = allg
+        if len(set(allg)) != 1: raise RuntimeError(f"DDP ranks ended with different weights: {allg}")
+
+# %% ../nbs/08_train.ipynb #a672527d
+@patch
+def _log_train(self:Trainer, loss_sum, n:int, dt:float, t_wall:float) -> float:
+    "Log the mean training loss of the last `n` steps (averaged over the ranks) and the images/s; returns that mean."
+    mean = loss_sum / n
+    if self.world > 1: dist.all_reduce(mean); mean = mean / self.world
+    self.wall_s = time.perf_counter() - t_wall
+    self._log(dict(step=self.step, loss=mean.item(), lr=self.opt.param_groups[0]['lr'],
+                   images_per_s=n * self.config.batch_size / dt, wall_s=round(self.wall_s, 3)))
+    return mean.item()
+
+# %% ../nbs/08_train.ipynb #885a90b9
+@patch
+def _validate_and_stop(self:Trainer, t_wall:float) -> tuple: # (a new best, start a new epoch)
+    "Validate, update the early stopper and log; at a stop signal, stop (the fix) or leak the EMA weights and start a new epoch (official)."
+    vl = self.validate()
+    best, stop = self.stopper.update(vl, self.step)
+    self._log(dict(step=self.step, val_loss=vl, val_loss_ma=self.stopper.ma, best=best, wall_s=round(time.perf_counter() - t_wall, 3)))
+    if stop and self.config.early_stopping_stops: self.stop_reason = 'early_stop'
+    elif stop:  # the official behaviour: EMA weights leak into the model, a new epoch starts
+        self.ema.copy_to(self.model)
+        n = len(self.train_ds)
+        if self.data_pos % n: self.data_pos = (self.data_pos // n + 1) * n
+        return best, True
+    return best, False
 
 # %% ../nbs/08_train.ipynb #35f7baf1
 @patch
@@ -1003,26 +1101,12 @@ def _fit(self:Trainer) -> Path:
             bar.update(1)
             log_now = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
             if log_now:
-                mean = loss_int / n_int
-                if self.world > 1: dist.all_reduce(mean); mean = mean / self.world
-                dt = time.perf_counter() - t_int
-                self.wall_s = time.perf_counter() - t_wall
-                self._log(dict(step=self.step, loss=mean.item(), lr=self.opt.param_groups[0]['lr'],
-                               images_per_s=n_int * cfg.batch_size / dt, wall_s=round(self.wall_s, 3)))
-                bar.set_postfix(loss=f"{mean.item():.4f}")
+                bar.set_postfix(loss=f"{self._log_train(loss_int, n_int, time.perf_counter() - t_int, t_wall):.4f}")
                 t_int, n_int, loss_int = time.perf_counter(), 0, torch.zeros((), device=self.device)
             t_other, best = time.perf_counter(), False
             if self.step >= cfg.val_start and self.step % cfg.val_every == 0:
-                vl = self.validate()
-                best, stop = self.stopper.update(vl, self.step)
-                self._log(dict(step=self.step, val_loss=vl, val_loss_ma=self.stopper.ma, best=best,
-                               wall_s=round(time.perf_counter() - t_wall, 3)))
-                if stop and cfg.early_stopping_stops: self.stop_reason = 'early_stop'
-                elif stop:  # the official behaviour: EMA weights leak into the model, a new epoch starts
-                    self.ema.copy_to(self.model)
-                    n = len(self.train_ds)
-                    if self.data_pos % n: self.data_pos = (self.data_pos // n + 1) * n
-                    it = iter(self.train_loader())
+                best, new_epoch = self._validate_and_stop(t_wall)
+                if new_epoch: it = iter(self.train_loader())
             interrupted = self._interrupted(sync=log_now)
             self.wall_s = time.perf_counter() - t_wall
             if best or interrupted or self.stop_reason or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
@@ -1040,35 +1124,21 @@ def _fit(self:Trainer) -> Path:
     self._barrier()
     return self.run_dir
 
-# %% ../nbs/08_train.ipynb #eaeed5a3
+# %% ../nbs/08_train.ipynb #281af134
 @patch
-def _check_ranks_agree(self:Trainer):
-    "Record the SHA-256 of the final weights (per rank under DDP) and fail loudly if the ranks diverged."
-    self._digests = [weights_digest(self.model.state_dict())]
-    if self.world > 1:
-        allg = [None] * self.world
-        dist.all_gather_object(allg, self._digests[0]); self._digests = allg
-        if len(set(allg)) != 1: raise RuntimeError(f"DDP ranks ended with different weights: {allg}")
-
-# %% ../nbs/08_train.ipynb #059a13f9
-def weights_digest(state_dict:dict) -> str:
-    "SHA-256 over the names and raw bytes of a state dict's tensors (in name order)."
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        v = state_dict[k].detach().cpu().contiguous()
-        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def fit(self:Trainer) -> Path:
+    "Train until `max_steps` or early stopping; returns the run folder."
+    self._install_signals()
+    try: return self._fit()
+    except Exception as e:  # a crash: run.json says so, with the reason (an interruption says 'interrupted')
+        if self.rank == 0:
+            try: self._write_run_json('failed', reason=f"{type(e).__name__}: {e}")
+            except OSError: pass
+        raise
+    finally:
+        self._restore_signals(); self._close()
 
 # %% ../nbs/08_train.ipynb #c8e42a4a
-def _check_compatible(meta:dict, model, ck):
-    "Raise a ValueError if checkpoint `ck` (its `meta`) was not saved from a UNet built like `model`."
-    have, want = meta.get('model_config'), _jsonable(model.config)
-    if have is not None: have = _jsonable(normalize_unet_config(have))  # fields added later take their old meaning
-    if have != want:
-        diff = sorted(k for k in set(have or {}) | set(want) if (have or {}).get(k) != want.get(k))
-        raise ValueError(f"incompatible checkpoint {ck}: it holds a UNet with {{{', '.join(f'{k}={(have or {}).get(k)!r}' for k in diff)}}} "
-                         f"but this run builds {{{', '.join(f'{k}={want.get(k)!r}' for k in diff)}}}")
-
 def train(config:TrainConfig, # what to train (e.g. `TrainConfig.from_preset('tiny')`)
           out_dir='runs', # root of the run folders
           resume:bool=True, # continue from the run's `latest` checkpoint if there is one
@@ -1076,28 +1146,6 @@ def train(config:TrainConfig, # what to train (e.g. `TrainConfig.from_preset('ti
          ) -> Path: # the run folder
     "Train one fold (under `torchrun`: one rank of a DDP run); returns the run folder."
     return Trainer(config, out_dir, resume=resume, progress=progress).fit()
-
-# %% ../nbs/08_train.ipynb #7b7c2910
-def read_log(run_dir) -> list:
-    "The records of `run_dir/log.jsonl`."
-    p = Path(run_dir) / 'log.jsonl'
-    if not p.exists(): raise FileNotFoundError(f"no training log at {p}")
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-
-# %% ../nbs/08_train.ipynb #7854bb27
-def plot_losses(run_dir, figsize=(6, 3.2)):
-    "A matplotlib Figure (no pyplot state) of the training and validation losses of a run."
-    recs = read_log(run_dir)
-    tr = [(r['step'], r['loss']) for r in recs if 'loss' in r]
-    va = [(r['step'], r['val_loss'], r['val_loss_ma']) for r in recs if 'val_loss' in r]
-    if not tr: raise ValueError(f"{run_dir}: nothing logged yet")
-    fig = Figure(figsize=figsize, layout='constrained'); ax = fig.add_subplot()
-    ax.plot(*zip(*tr), lw=1, label='train loss')
-    if va:
-        s, v, m = zip(*va)
-        ax.plot(s, v, 'o', ms=3, label='val loss (EMA, held-out tasks)'); ax.plot(s, m, lw=1.5, label='val loss MA')
-    ax.set_yscale('log'); ax.set_xlabel('step'); ax.set_ylabel('Min-SNR ε-MSE'); ax.grid(alpha=.3); ax.legend(fontsize=8)
-    return fig
 
 # %% ../nbs/08_train.ipynb #2f2e96f6
 def load_model(run_dir, # a run folder written by `train`
