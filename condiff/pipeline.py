@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from .progress import tqdm
-from .checks import (BadInput, check_int, check_choice, check_device, check_out_dir, check_in_dir, cli_flag,
+from .checks import (BadInput, check_int, check_float, check_choice, check_device, check_out_dir, check_in_dir, cli_flag,
                             FolderLock, die_with_parent)
 from .data import SliceSet, from_model_space, atomic_write
 from .experiment import (TESTSETS, PHANTOM_TESTSETS, TABLE1_COLUMNS, get_testset, get_dataset, parse_folds,
                                 family_dir, fold_dir, eval_dir, ensemble_dir, run_dir_for, provenance)
-from .train import TrainConfig, train, saved_config_diff, build_base, resolve_checkpoint, BASE_KINDS, WEIGHTS_DIR
+from .train import TrainConfig, LR_SCHEDULES, train, weights_file, saved_config_diff, build_base, BASE_KINDS, WEIGHTS_DIR
 from .inference import (TensorFile, sliceset_fingerprint, evaluate_fold, evaluate_folds, ensemble, read_eval,
                                batched_folds_default)
 from .report import OursResult, build_table1, write_table1, random_baseline, intensity_control, closest_fold, select_examples, Figure3Panel, plot_figure3, save_figure3
@@ -42,7 +42,8 @@ RUN_DEFAULTS = {
     # the CPU default (`make demo`): 64² phantoms, each fold fine-tuned from the shipped base model (`--from-scratch`: not)
     'cpu': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=64, image_size=64,
                 train=dict(init_weights='base', ema_max_decay=0.99,  # the folds' average moves off the base (bench/README `quality`)
-                           val_start=30, val_every=30, checkpoint_every=60, log_every=10)),
+                           val_start=30, val_every=30, checkpoint_every=60, log_every=10),
+                train_by_modality={'RF': dict(ema_max_decay=0.999)}),  # fundus folds keep 94 % of their base (measured below)
 }
 
 def _size_kw(preset) -> dict:
@@ -200,9 +201,9 @@ def fold_config(dataset:str, # training dataset (`condiff.data.get_dataset` name
                 sequence:str|None, # 't1' / 't2' for brain MRI, None for fundus
                 fold:int, preset:str=DEFAULT_PRESET, device:str='cpu', seed:int=42, max_steps:int|None=None, data_root=None,
                 **overrides):
-    "`train_config` for a training dataset named directly: the preset, `RUN_DEFAULTS[preset]`, then `overrides`."
+    "`train_config` for a training dataset named directly: the preset, `RUN_DEFAULTS[preset]` (its `train`, then the data's modality's own), then `overrides`."
     d = RUN_DEFAULTS.get(preset, {})
-    kw = dict(d.get('train', {}))
+    kw = {**d.get('train', {}), **d.get('train_by_modality', {}).get('MRI' if sequence else 'RF', {})}
     steps = max_steps if max_steps is not None else d.get('max_steps')
     if steps is not None: kw['max_steps'] = int(steps)
     kw.update(dataset=dataset, sequence=sequence, fold=int(fold), seed=int(seed), device=device,
@@ -238,8 +239,7 @@ def warm_start_changed(run_dir, # a fold's run folder (may not exist yet)
         if was in now.values(): return None
         return (f"it was warm-started from a base model (SHA-256 {was[:12]}) that is no longer a shipped one "
                 f"({', '.join(f'base-{k} {v[:12]}' for k, v in now.items())})")
-    p = Path(config.init_weights)
-    if p.is_dir(): p = resolve_checkpoint(p, 'best') / 'ema.safetensors'
+    p = weights_file(config.init_weights)
     if not p.is_file(): return None  # training raises its own clear error for a missing file
     now = hashlib.sha256(p.read_bytes()).hexdigest()
     return None if now == was else f"its warm start {config.init_weights} changed since (SHA-256 {was[:12]} then, {now[:12]} now)"
@@ -287,14 +287,22 @@ def pretrain(kind:str, # which base model: 'mri' (T1 and T2 phantom brains) or '
              weights_dir=None, # where the weights go (None: the package's weights/ folder)
              threads:int=1, # torch CPU threads
              tasks:str='0,1,2,3,4', # synthetic tasks it learns, comma-separated ids
+             init_weights:str|None=None, # train on from these weights ('base': the shipped file; None: a random init)
+             lr_schedule:str='constant', # 'constant' or 'cosine' (down to `lr_min` at the last step)
+             lr_warmup:int=0, # linear lr warm-up steps (a fresh Adam on trained weights)
+             lr_min:float=0.0, # the cosine's final lr
              progress:bool=True, # progress bar
             ) -> Path: # the weights file
     "Train the CPU default's base model of `kind` on all five tasks; write `base-<kind>.safetensors` (float16) and its manifest."
     check_choice('kind', kind, ('mri', 'rf')); check_int('max_steps', max_steps, 1); check_int('threads', threads, 1)
+    check_choice('lr_schedule', lr_schedule, LR_SCHEDULES); check_int('lr_warmup', lr_warmup, 0, max_steps - 1); check_float('lr_min', lr_min, 0)
+    if init_weights not in (None, 'base') and not Path(init_weights).is_file(): raise FileNotFoundError(f"init_weights: no weights file at {init_weights}")
     try: task_ids = tuple(int(t) for t in str(tasks).split(','))
     except ValueError: raise BadInput('tasks', tasks, 'comma-separated task ids 0..4') from None
     torch.set_num_threads(threads)
-    return build_base(kind, max_steps, runs, weights_dir, train_tasks=task_ids, progress=progress)
+    sched = {k: v for k, v in dict(init_weights=init_weights, lr_schedule=lr_schedule, lr_warmup=lr_warmup, lr_min=lr_min).items()
+             if v != TrainConfig.from_preset('cpu').to_dict()[k]}  # only what departs from the preset: named in the manifest's command
+    return build_base(kind, max_steps, runs, weights_dir, train_tasks=task_ids, progress=progress, **sched)
 
 # %% ../nbs/11_pipeline.ipynb #e6cfb0b3
 def load_testset(name:str, # a TESTSETS name

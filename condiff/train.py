@@ -28,11 +28,11 @@ from .data import SliceSet, load_sliceset, save_sliceset, to_model_space
 from .experiment import get_dataset, run_dir_for, provenance
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig', 'sample_seeds',
-           'TaskDataset', 'epoch_permutation', 'StreamSampler', 'make_loader', 'ema_decay', 'EMA',
-           'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'CorruptCheckpoint',
+__all__ = ['LR_SCHEDULES', 'TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_FLAGS', 'WEIGHTS_DIR', 'BASE_KINDS', 'TrainConfig',
+           'sample_seeds', 'TaskDataset', 'epoch_permutation', 'StreamSampler', 'make_loader', 'ema_decay', 'EMA',
+           'lr_at', 'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'CorruptCheckpoint',
            'verify_checkpoint', 'resume_checkpoint', 'fold_family', 'get_rng_state', 'set_rng_state', 'resolve_device',
-           'dist_env', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'init_from_weights',
+           'dist_env', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'weights_file', 'init_from_weights',
            'saved_config_diff', 'Trainer', 'read_log', 'plot_losses', 'weights_digest', 'train', 'load_model',
            'train_command', 'base_kind', 'base_weights', 'build_base']
 
@@ -64,7 +64,10 @@ class TrainConfig:
     snr_gamma: float|None = 1.0  # Min-SNR γ; None = plain ε-MSE
     anomaly_weight: float = 0.0  # extra loss weight on the pixels the corruption changed (`diffusion_loss`); 0 = paper
     # -- optimisation
-    lr: float = 1e-4  # AdamW learning rate (constant)
+    lr: float = 1e-4  # AdamW learning rate (the peak, with a schedule)
+    lr_schedule: str = 'constant'  # 'constant' (paper) or 'cosine': from `lr` down to `lr_min` at `max_steps` (`lr_at`)
+    lr_warmup: int = 0  # linear lr warm-up over the first this many steps (0: none, which is what the official code runs)
+    lr_min: float = 0.0  # the cosine schedule's final lr
     adam_betas: tuple = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 1e-2  # AdamW weight decay
     adam_eps: float = 1e-8  # AdamW eps
@@ -104,8 +107,9 @@ def _coerce(self:TrainConfig) -> TrainConfig:
     return self
 
 # %% ../nbs/08_train.ipynb #df41c8f6
+LR_SCHEDULES = ('constant', 'cosine')  # `TrainConfig.lr_schedule`
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
-                task_clip=CLIP_MODES)
+                task_clip=CLIP_MODES, lr_schedule=LR_SCHEDULES)
 def _isint(v): return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 def _isnum(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
@@ -114,9 +118,9 @@ def _check_types(self:TrainConfig, need):
     "The type rules of `validate`: ints, numbers, flags, strings, paths and the fields with a fixed set of choices."
     isint, isnum, g = _isint, _isnum, lambda k: getattr(self, k)
     for k in ('fold', 'seed', 'data_seed', 'batch_size', 'max_steps', 'val_every', 'val_start', 'val_batch_size', 'patience',
-              'checkpoint_every', 'num_workers', 'log_every'):
+              'checkpoint_every', 'num_workers', 'log_every', 'lr_warmup'):
         need(lambda: isint(g(k)), k, f"{k} must be an int, got {g(k)!r}")
-    for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
+    for k in ('p_no_aug', 'noise_offset', 'anomaly_weight', 'lr', 'lr_min', 'weight_decay', 'adam_eps', 'grad_clip', 'ema_max_decay', 'ma_alpha'):
         need(lambda: isnum(g(k)), k, f"{k} must be a number, got {g(k)!r}")
     for k in ('early_stopping_stops', 'seeded_validation', 'channels_last', 'allow_tf32', 'deterministic', 'compile'):
         need(lambda: isinstance(g(k), bool), k, f"{k} must be True or False, got {g(k)!r}")
@@ -154,6 +158,8 @@ def validate(self:TrainConfig):
     need(lambda: self.snr_gamma is None or (isnum(self.snr_gamma) and self.snr_gamma > 0), 'snr_gamma',
          f"snr_gamma must be None or a number > 0, got {self.snr_gamma!r}")
     need(lambda: self.lr > 0, 'lr', f"lr must be > 0, got {self.lr!r}")
+    need(lambda: 0 <= self.lr_min <= self.lr, 'lr_min', f"lr_min must be in [0, lr = {self.lr!r}], got {self.lr_min!r}")
+    need(lambda: 0 <= self.lr_warmup < self.max_steps, 'lr_warmup', f"lr_warmup must be in [0, max_steps = {self.max_steps!r}), got {self.lr_warmup!r}")
     need(lambda: isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2 and all(isnum(b) and 0 <= b < 1 for b in self.adam_betas),
          'adam_betas', f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
     need(lambda: self.weight_decay >= 0, 'weight_decay', f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -386,6 +392,22 @@ class EMA:
         if missing or extra: raise ValueError(f"EMA weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for n, s in zip(self.names, self.shadow): s.copy_(sd[n])
         self.step = int(step)
+
+# %% ../nbs/08_train.ipynb #63e6f083
+def lr_at(step:int, # optimisation steps already taken (0 for the first step)
+          lr:float, # the peak learning rate
+          max_steps:int, # the run's length
+          schedule:str='constant', # 'constant' or 'cosine'
+          warmup:int=0, # linear warm-up steps
+          lr_min:float=0.0, # the cosine's final rate
+         ) -> float:
+    "The learning rate of the next step, as diffusers' `constant_with_warmup` and `cosine` schedules (plus a floor `lr_min`)."
+    if warmup and step < warmup: return lr * step / warmup
+    if schedule == 'constant': return lr
+    if schedule != 'cosine': raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    prog = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * prog))
+
 
 # %% ../nbs/08_train.ipynb #665de629
 class MovingAverageEarlyStopper:
@@ -622,13 +644,18 @@ class MaybeCompiled:
         return self.module(*args, **kw)
 
 # %% ../nbs/08_train.ipynb #04dfdebd
+def weights_file(src, # a .safetensors weights file, or a run folder
+                ) -> Path:
+    "The file a warm start from `src` reads: the file itself, or a run folder's `best` EMA weights."
+    p = Path(src)
+    return resolve_checkpoint(p, 'best') / 'ema.safetensors' if p.is_dir() else p
+
 def init_from_weights(model, # the freshly built UNet to fill
                       src, # a .safetensors weights file, or a run folder (its `best` EMA weights)
                      ) -> str: # SHA-256 of the file read
     "Load warm-start weights into `model` (strict; float16 files become float32); return the file's SHA-256."
     _js = lambda x: json.loads(json.dumps(x))
-    p = Path(src)
-    if p.is_dir(): p = resolve_checkpoint(p, 'best') / 'ema.safetensors'
+    p = weights_file(src)
     if not p.is_file(): raise FileNotFoundError(f"init_weights: no weights file at {src}")
     data = p.read_bytes()
     try:
@@ -916,6 +943,8 @@ def train_step(self:Trainer, batch:dict) -> torch.Tensor:
         self.scaler.scale(loss).backward(); self.scaler.unscale_(self.opt)
     else: loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+    lr = lr_at(self.step, cfg.lr, cfg.max_steps, cfg.lr_schedule, cfg.lr_warmup, cfg.lr_min)  # a function of the step: resumes exactly
+    for g in self.opt.param_groups: g['lr'] = lr
     if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
     else: self.opt.step()
     self.ema.update(self.model)
@@ -1252,9 +1281,10 @@ def build_base(kind:str, # 'mri' or 'rf'
     info = json.loads((run / 'run.json').read_text())
     man = dict(kind=kind, file=w.name, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), dtype='float16',
                command=f"condiff pretrain {kind} --max-steps {max_steps}" + ('' if tuple(train_tasks) == (0, 1, 2, 3, 4) else
-                       f" --tasks {','.join(map(str, train_tasks))}"), git_commit=info.get('git_commit'), steps=info.get('step'),
+                       f" --tasks {','.join(map(str, train_tasks))}") +
+                       ''.join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()), git_commit=info.get('git_commit'), steps=info.get('step'),
                wall_s=info.get('wall_s'), machine=dict(platform=platform.platform(),
                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
-               versions=info.get('versions'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+               versions=info.get('versions'), init_sha256=info.get('init_weights_sha256'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     _atomic_bytes(d / f"base-{kind}.json", json.dumps(man, indent=1).encode())
     return w
