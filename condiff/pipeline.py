@@ -293,7 +293,7 @@ def pretrain(kind:str, # which base model: 'mri' (T1 and T2 phantom brains) or '
              lr_min:float=0.0, # the cosine's final lr
              progress:bool=True, # progress bar
             ) -> Path: # the weights file
-    "Train the CPU default's base model of `kind` on all five tasks; write `base-<kind>.safetensors` (float16) and its manifest."
+    "Train the CPU default's base model of `kind` on the synthetic `tasks`; write `base-<kind>.safetensors` (float16) and its manifest."
     check_choice('kind', kind, ('mri', 'rf')); check_int('max_steps', max_steps, 1); check_int('threads', threads, 1)
     check_choice('lr_schedule', lr_schedule, LR_SCHEDULES); check_int('lr_warmup', lr_warmup, 0, max_steps - 1); check_float('lr_min', lr_min, 0)
     if init_weights not in (None, 'base') and not Path(init_weights).is_file(): raise FileNotFoundError(f"init_weights: no weights file at {init_weights}")

@@ -1265,7 +1265,7 @@ def build_base(kind:str, # 'mri' or 'rf'
                progress:bool=True, # progress bar
                **overrides, # other TrainConfig fields
               ) -> Path: # the weights file
-    "Train a base model of `kind` on all five tasks with the `cpu` preset, then write its EMA weights (float16) and manifest."
+    "Train a base model of `kind` on `train_tasks` with the `cpu` preset, then write its EMA weights (float16) and manifest."
     if kind not in BASE_KINDS: raise ValueError(f"base model kind must be one of {sorted(BASE_KINDS)}, got {kind!r}")
     runs = Path(runs)
     data = _base_sets(kind, data_seed, None, TRAIN_PRESETS['cpu']['image_size'], runs / f"base-{kind}" / 'data')
