@@ -43,7 +43,7 @@ RUN_DEFAULTS = {
     'cpu': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=64, image_size=64,
                 train=dict(init_weights='base', ema_max_decay=0.99,  # the folds' average moves off the base (bench/README `quality`)
                            val_start=30, val_every=30, checkpoint_every=60, log_every=10),
-                train_by_modality={'RF': dict(ema_max_decay=0.999)}),  # fundus folds keep 94 % of their base (measured below)
+                train_by_modality={'RF': dict(ema_max_decay=0.999)}),  # fundus folds keep 94 % of their base (bench/README `quality`)
 }
 
 def _size_kw(preset) -> dict:
