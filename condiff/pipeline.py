@@ -296,7 +296,8 @@ def pretrain(kind:str, # which base model: 'mri' (T1 and T2 phantom brains) or '
     "Train the CPU default's base model of `kind` on the synthetic `tasks`; write `base-<kind>.safetensors` (float16) and its manifest."
     check_choice('kind', kind, ('mri', 'rf')); check_int('max_steps', max_steps, 1); check_int('threads', threads, 1)
     check_choice('lr_schedule', lr_schedule, LR_SCHEDULES); check_int('lr_warmup', lr_warmup, 0, max_steps - 1); check_float('lr_min', lr_min, 0)
-    if init_weights not in (None, 'base') and not Path(init_weights).is_file(): raise FileNotFoundError(f"init_weights: no weights file at {init_weights}")
+    if init_weights not in (None, 'base') and not weights_file(init_weights).is_file():  # a file, or a run folder's best EMA, as training reads it
+        raise FileNotFoundError(f"init_weights: no weights file at {init_weights}")
     try: task_ids = tuple(int(t) for t in str(tasks).split(','))
     except ValueError: raise BadInput('tasks', tasks, 'comma-separated task ids 0..4') from None
     torch.set_num_threads(threads)
