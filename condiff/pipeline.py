@@ -40,7 +40,7 @@ RUN_DEFAULTS = {
     'tiny': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=32,
                  train=dict(val_start=30, val_every=30, checkpoint_every=60, log_every=10)),
     # the CPU default (`make demo`): 64² phantoms, each fold fine-tuned from the shipped base model (`--from-scratch`: not)
-    'cpu': dict(max_steps=60, sampler='ddim', num_steps=10, eval_batch_size=64, image_size=64,
+    'cpu': dict(max_steps=60, sampler='ddim', num_steps=2, eval_batch_size=64, image_size=64,  # 2 DDIM steps: bench/README `quality`
                 train=dict(init_weights='base', ema_max_decay=0.99,  # the folds' average moves off the base (bench/README `quality`)
                            val_start=30, val_every=30, checkpoint_every=60, log_every=10),
                 train_by_modality={'RF': dict(ema_max_decay=0.999)}),  # fundus folds keep 94 % of their base (bench/README `quality`)
