@@ -1256,6 +1256,20 @@ def _base_sets(kind, seed, cache_dir, size, out):
         paths[split] = save_sliceset(ss, Path(out) / f"base-{kind}-{split}.npz")
     return paths
 
+_LINEAGE_KEYS = ('command', 'git_commit', 'steps', 'wall_s', 'sha256', 'created', 'history', 'note', 'parent')
+
+def _parent_manifest(kind, init_weights, init_sha) -> dict|None:
+    "The lineage of the weights a base was trained on from: their manifest's provenance, if one describes exactly those bytes."
+    if not init_weights or not init_sha: return None
+    cands = [WEIGHTS_DIR / f"base-{kind}.json"] if init_weights == 'base' else []
+    w = weights_file(init_weights) if init_weights != 'base' else None
+    if w is not None: cands.append(w.with_suffix('.json'))
+    for m in cands:
+        try: man = json.loads(m.read_text())
+        except (OSError, ValueError): continue
+        if isinstance(man, dict) and man.get('sha256') == init_sha: return {k: man[k] for k in _LINEAGE_KEYS if k in man}
+    return None
+
 def build_base(kind:str, # 'mri' or 'rf'
                max_steps:int=3000, # training steps
                runs='runs', # root of the run folder (`runs/base-<kind>/cpu/fold0`)
@@ -1272,13 +1286,14 @@ def build_base(kind:str, # 'mri' or 'rf'
     cfg = TrainConfig.from_preset('cpu', dataset=f"base-{kind}", sequence=None, train_tasks=tuple(train_tasks), max_steps=max_steps,
                                   train_data=str(data['train']), val_data=str(data['val']), data_seed=data_seed, **overrides)
     run = train(cfg, runs, progress=progress)
+    info = json.loads((run / 'run.json').read_text())
+    parent = _parent_manifest(kind, overrides.get('init_weights'), info.get('init_weights_sha256'))  # before the file is replaced
     model, _ = load_model(run, 'latest')
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     blob = _st_save(sd, metadata={'model_config': json.dumps(_jsonable(model.config)), 'kind': kind})
     d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     w = d / f"base-{kind}.safetensors"
     _atomic_bytes(w, blob)
-    info = json.loads((run / 'run.json').read_text())
     man = dict(kind=kind, file=w.name, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), dtype='float16',
                command=f"condiff pretrain {kind} --max-steps {max_steps}" + ('' if tuple(train_tasks) == (0, 1, 2, 3, 4) else
                        f" --tasks {','.join(map(str, train_tasks))}") +
@@ -1286,5 +1301,6 @@ def build_base(kind:str, # 'mri' or 'rf'
                wall_s=info.get('wall_s'), machine=dict(platform=platform.platform(),
                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
                versions=info.get('versions'), init_sha256=info.get('init_weights_sha256'), config=cfg.to_dict(), created=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    if parent: man['parent'] = parent
     _atomic_bytes(d / f"base-{kind}.json", json.dumps(man, indent=1).encode())
     return w
