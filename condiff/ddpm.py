@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps',
+__all__ = ['PREDICTION_TYPES', 'LOSSES', 'NoiseSchedule', 'q_sample', 'randn_tensor', 'offset_noise', 'sample_timesteps',
            'check_prediction_type', 'min_snr_weight', 'prediction_target', 'eps_from_prediction', 'diffusion_loss',
            'StridedSampler', 'DDPMSampler', 'DDIMSampler', 'step_noise', 'restore']
 
@@ -212,6 +212,8 @@ def eps_from_prediction(sched:NoiseSchedule, # the noise schedule
     return ab.sqrt() * out + (1 - ab).sqrt() * x_t
 
 # %% ../nbs/00_ddpm.ipynb #335b86fb
+LOSSES = ('mse', 'l1')  # `diffusion_loss`'s per-pixel errors: 'mse' is the official trainer's
+
 def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's output (ε̂ for the paper), same shape as x0
                    x0:torch.Tensor, # clean (healthy) images B×C×H×W
                    cond:torch.Tensor, # conditioning images, batch and spatial size of x0
@@ -222,11 +224,13 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
                    reduction:str='mean', # 'mean' (a scalar) or 'none' (the B weighted per-sample losses)
                    prediction_type:str='epsilon', # what model_fn outputs: 'epsilon' (paper), 'sample' (x0) or 'v_prediction'
                    anomaly_weight:float=0.0, # extra weight on pixels the corruption changed: 1 + w·[|x0 − cond| > 1e-3] (0: paper)
+                   loss:str='mse', # per-pixel error: 'mse' (squared, paper) or 'l1' (absolute)
                    check:bool=True, # validate inputs (False: trusted, already-checked inputs, e.g. the training loop; no host syncs)
                   ) -> torch.Tensor:
-    "Min-SNR-weighted prediction MSE of the official trainer (ε objective), or of the x0 / v objective."
+    "Min-SNR-weighted prediction MSE of the official trainer (ε objective), or of the x0 / v objective; or their L1 (`loss='l1'`)."
     if reduction not in ('mean', 'none'): raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     check_prediction_type(prediction_type)
+    if loss not in LOSSES: raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if check:
         _check_tensor(x0, 'x0'); _check_tensor(cond, 'cond')
         if cond.shape[0] != x0.shape[0] or cond.shape[2:] != x0.shape[2:]:
@@ -238,7 +242,7 @@ def diffusion_loss(model_fn:Callable, # model_fn(x_t, t, cond) -> the network's 
     if out.shape != noise.shape:
         raise ValueError(f"model_fn returned shape {tuple(out.shape)}, expected {tuple(noise.shape)}")
     target = noise if prediction_type == 'epsilon' else prediction_target(sched, x0, noise, t, prediction_type)
-    pix = F.mse_loss(out.float(), target.float(), reduction='none')
+    pix = (F.mse_loss if loss == 'mse' else F.l1_loss)(out.float(), target.float(), reduction='none')
     if anomaly_weight: pix = pix * (1 + float(anomaly_weight) * ((x0 - cond).abs() > 1e-3).float())
     per = pix.mean(dim=tuple(range(1, x0.ndim)))
     if snr_gamma is not None: per = per * min_snr_weight(sched, t, snr_gamma, prediction_type, check=check)

@@ -20,6 +20,7 @@ from .checks import (BadInput, check_int, check_float, check_choice, check_devic
 from .data import SliceSet, from_model_space, atomic_write
 from .experiment import (TESTSETS, PHANTOM_TESTSETS, TABLE1_COLUMNS, get_testset, get_dataset, parse_folds,
                                 family_dir, fold_dir, eval_dir, ensemble_dir, run_dir_for, provenance)
+from .ddpm import LOSSES
 from .train import TrainConfig, LR_SCHEDULES, train, weights_file, saved_config_diff, build_base, BASE_KINDS, WEIGHTS_DIR
 from .inference import (TensorFile, sliceset_fingerprint, evaluate_fold, evaluate_folds, ensemble, read_eval,
                                batched_folds_default)
@@ -291,17 +292,19 @@ def pretrain(kind:str, # which base model: 'mri' (T1 and T2 phantom brains) or '
              lr_schedule:str='constant', # 'constant' or 'cosine' (down to `lr_min` at the last step)
              lr_warmup:int=0, # linear lr warm-up steps (a fresh Adam on trained weights)
              lr_min:float=0.0, # the cosine's final lr
+             loss:str='l1', # per-pixel loss: 'l1' (the cpu preset) or 'mse' (paper)
              progress:bool=True, # progress bar
             ) -> Path: # the weights file
     "Train the CPU default's base model of `kind` on the synthetic `tasks`; write `base-<kind>.safetensors` (float16) and its manifest."
     check_choice('kind', kind, ('mri', 'rf')); check_int('max_steps', max_steps, 1); check_int('threads', threads, 1)
     check_choice('lr_schedule', lr_schedule, LR_SCHEDULES); check_int('lr_warmup', lr_warmup, 0, max_steps - 1); check_float('lr_min', lr_min, 0)
+    check_choice('loss', loss, LOSSES)
     if init_weights not in (None, 'base') and not weights_file(init_weights).is_file():  # a file, or a run folder's best EMA, as training reads it
         raise FileNotFoundError(f"init_weights: no weights file at {init_weights}")
     try: task_ids = tuple(int(t) for t in str(tasks).split(','))
     except ValueError: raise BadInput('tasks', tasks, 'comma-separated task ids 0..4') from None
     torch.set_num_threads(threads)
-    sched = {k: v for k, v in dict(init_weights=init_weights, lr_schedule=lr_schedule, lr_warmup=lr_warmup, lr_min=lr_min).items()
+    sched = {k: v for k, v in dict(init_weights=init_weights, lr_schedule=lr_schedule, lr_warmup=lr_warmup, lr_min=lr_min, loss=loss).items()
              if v != TrainConfig.from_preset('cpu').to_dict()[k]}  # only what departs from the preset: named in the manifest's command
     return build_base(kind, max_steps, runs, weights_dir, train_tasks=task_ids, progress=progress, **sched)
 

@@ -21,7 +21,7 @@ from fastcore.basics import patch
 from .progress import tqdm
 from .checks import (BadInput, check_choice, FolderLock, LockHeld, quarantine, file_sha256, os_error_message, parse_sets,
                             in_ipython, run_command)
-from .ddpm import PREDICTION_TYPES, NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
+from .ddpm import PREDICTION_TYPES, LOSSES, NoiseSchedule, offset_noise, sample_timesteps, diffusion_loss
 from .unet import UNET_PRESETS, build_unet, build_unet_from_config, normalize_unet_config
 from .tasks import FOLDS, CLIP_MODES, RestorationTask, fold_tasks
 from .data import SliceSet, load_sliceset, save_sliceset, to_model_space
@@ -63,6 +63,7 @@ class TrainConfig:
     noise_offset: float = 0.1  # offset-noise scale
     snr_gamma: float|None = 1.0  # Min-SNR γ; None = plain ε-MSE
     anomaly_weight: float = 0.0  # extra loss weight on the pixels the corruption changed (`diffusion_loss`); 0 = paper
+    loss: str = 'mse'  # per-pixel loss of `diffusion_loss`: 'mse' (paper) or 'l1'
     # -- optimisation
     lr: float = 1e-4  # AdamW learning rate (the peak, with a schedule)
     lr_schedule: str = 'constant'  # 'constant' (paper) or 'cosine': from `lr` down to `lr_min` at `max_steps` (`lr_at`)
@@ -109,7 +110,7 @@ def _coerce(self:TrainConfig) -> TrainConfig:
 # %% ../nbs/08_train.ipynb #df41c8f6
 LR_SCHEDULES = ('constant', 'cosine')  # `TrainConfig.lr_schedule`
 _CHOICES = dict(mixed_precision=('bf16', 'fp16', 'no'), worker_seeding=('per-sample', 'none'), sequence=(None, 't1', 't2'),
-                task_clip=CLIP_MODES, lr_schedule=LR_SCHEDULES)
+                task_clip=CLIP_MODES, lr_schedule=LR_SCHEDULES, loss=LOSSES)
 def _isint(v): return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 def _isnum(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
@@ -233,7 +234,7 @@ def replace(self:TrainConfig, **changes) -> TrainConfig:
 TRAIN_PRESETS = {
     'paper': {},
     # the CPU default (`make demo`): chosen by measurement, `bench/quality.py`; every departure from paper is a named field
-    'cpu': dict(dataset='phantom-brain', sequence='t2', unet='cpu', image_size=64, snr_gamma=None, anomaly_weight=20.0, lr=3e-3, batch_size=32,
+    'cpu': dict(dataset='phantom-brain', sequence='t2', unet='cpu', image_size=64, snr_gamma=None, anomaly_weight=20.0, loss='l1', lr=3e-3, batch_size=32,
                 max_steps=2000, ema_max_decay=0.999, val_every=100, val_start=100, val_batch_size=32, val_max_samples=32,
                 patience=100_000, checkpoint_every=200, num_workers=0, log_every=25),
     'tiny': dict(dataset='phantom-brain', sequence='t2', unet='tiny', lr=2e-3, batch_size=8, max_steps=300,
@@ -935,7 +936,7 @@ def train_step(self:Trainer, batch:dict) -> torch.Tensor:
     cfg = self.config
     x0, cond, noise, t = self._to_device(batch)
     loss = diffusion_loss(self._forward(self.net), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma,
-                          prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                          prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight, loss=cfg.loss,
                           check=not self._checked)
     self._checked = True  # the loader makes every batch alike: no per-step NaN scans or timestep syncs after the first
     self.opt.zero_grad(set_to_none=True)
@@ -969,7 +970,7 @@ def validate(self:Trainer) -> float:
         for batch in batches:
             x0, cond, noise, t = self._to_device(batch)
             per = diffusion_loss(self._forward(self.model), x0, cond, self.sched, t, noise, snr_gamma=cfg.snr_gamma, reduction='none',
-                                 prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight,
+                                 prediction_type=self.model.config['prediction_type'], anomaly_weight=cfg.anomaly_weight, loss=cfg.loss,
                                  check=False)  # batches from the validated val set
             tot[0] += per.double().sum(); tot[1] += per.numel()
     finally:
