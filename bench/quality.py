@@ -9,7 +9,7 @@ The x axis is the training process's CPU time (one torch thread), so the curve d
 
 Designs (each a `condiff.train.TRAIN_PRESETS` entry plus `condiff.cli.RUN_DEFAULTS`):
 - `tiny`: the previous CPU default, ε-prediction with Min-SNR-1, 128², batch 8, lr 2e-3, DDIM 10 at evaluation;
-- `cpu`: the new CPU default from scratch, x0 = cond + f (`cond_skip`), unweighted x0 loss, 64², batch 32, lr 3e-3;
+- `cpu`: the new CPU default from scratch, x0 = cond + f (`cond_skip`), anomaly-weighted x0 loss (L1 since 2026-12-03), 64², batch 32, lr 3e-3;
 - `cpu-base`: `cpu` fine-tuned from the shipped base model (its budget 0 is the base model itself).
 
 Prints one JSON line per measurement (also OUT/quality.jsonl) and draws OUT/quality.png.
