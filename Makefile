@@ -4,15 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.condiff-installed
+# The install stamp is named by pyproject.toml's content, not its time: nbdev-export rewrites the file (same bytes)
+# on every run, and a time-based stamp reinstalled the package at every make call after `make sync`.
+STAMP := $(VENV)/.condiff-installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
 .PHONY: setup demo test sync nbtest pytest clean-runs docs docs-site chromium
 
-$(STAMP): pyproject.toml
+$(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.condiff-installed*
 	touch $(STAMP)
 
 setup: $(STAMP)
