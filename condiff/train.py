@@ -33,8 +33,8 @@ __all__ = ['LR_SCHEDULES', 'TRAIN_PRESETS', 'DIST_TIMEOUT', 'OPTIMIZER_RUNTIME_F
            'lr_at', 'MovingAverageEarlyStopper', 'save_checkpoint', 'resolve_checkpoint', 'CorruptCheckpoint',
            'verify_checkpoint', 'resume_checkpoint', 'fold_family', 'get_rng_state', 'set_rng_state', 'resolve_device',
            'dist_env', 'fit_optimizer_state', 'set_deterministic', 'MaybeCompiled', 'weights_file', 'init_from_weights',
-           'saved_config_diff', 'Trainer', 'read_log', 'plot_losses', 'weights_digest', 'train', 'load_model',
-           'train_command', 'base_kind', 'base_weights', 'build_base']
+           'saved_config_diff', 'Trainer', 'read_log', 'plot_losses', 'st_bytes', 'weights_digest', 'train',
+           'load_model', 'train_command', 'base_kind', 'base_weights', 'build_base']
 
 # %% ../nbs/08_train.ipynb #4545f4e4
 @dataclass
@@ -986,14 +986,25 @@ def _model_meta(self:Trainer) -> dict:
     return dict(model_config=_jsonable(self.model.config), img_channels=self.img_channels,
                 image_size=list(self.image_size), modality=self.modality, family=self._family)
 
+# %% ../nbs/08_train.ipynb #5d0b7e21
+def st_bytes(tensors:dict, # name -> tensor
+             metadata:dict|None=None, # str -> str, kept in the file's header
+            ) -> bytes: # the .safetensors file's bytes
+    "`safetensors.torch.save`, with the JSON header's keys sorted: the same tensors and metadata give the same bytes."
+    blob = _st_save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], 'little')
+    head = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(',', ':'), ensure_ascii=False).encode()
+    if len(head) > n: raise RuntimeError(f"re-serialised safetensors header is longer ({len(head)} > {n} bytes)")
+    return blob[:8] + head.ljust(n, b' ') + blob[8 + n:]  # padding with spaces is the format's own alignment
+
 # %% ../nbs/08_train.ipynb #aa4e22ba
 @patch
 def save(self:Trainer, best:bool=False):
     "Save a checkpoint (rank 0) tagged `latest`, and `best` too if `best`."
     if self.rank == 0:
         st_meta = {'model_config': json.dumps(_jsonable(self.model.config)), 'step': str(self.step)}
-        weights = _st_save({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata=st_meta)
-        ema = _st_save({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
+        weights = st_bytes({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata=st_meta)
+        ema = st_bytes({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
                        metadata={**st_meta, 'ema_step': str(self.ema.step)})
         state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                      step=self.step, data_pos=self.data_pos, ema_step=self.ema.step, stopper=self.stopper.state_dict(),
@@ -1291,7 +1302,7 @@ def build_base(kind:str, # 'mri' or 'rf'
     parent = _parent_manifest(kind, overrides.get('init_weights'), info.get('init_weights_sha256'))  # before the file is replaced
     model, _ = load_model(run, 'latest')
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    blob = _st_save(sd, metadata={'model_config': json.dumps(_jsonable(model.config)), 'kind': kind})
+    blob = st_bytes(sd, metadata={'model_config': json.dumps(_jsonable(model.config)), 'kind': kind})
     d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     w = d / f"base-{kind}.safetensors"
     _atomic_bytes(w, blob)
